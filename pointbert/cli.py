@@ -1,0 +1,119 @@
+"""`pointbert <command>`: the command line.
+
+Parsers are defined here (cheap to import); each command's work lives in the module of its concept
+and is imported only when the command runs. A :class:`~pointbert.errors.PointBERTError` (bad file,
+bad setting, wrong checkpoint) is printed as one line on stderr with exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> "module:function"; the function takes the parsed args and returns an exit status.
+COMMANDS = {
+    "import": "pointbert.official:import_command",
+    "predict": "pointbert.inference:predict_command",
+    "tokenize": "pointbert.inference:tokenize_command",
+    "embed": "pointbert.inference:embed_command",
+    "data inspect": "pointbert.data.inspect:inspect_command",
+    "data prepare": "pointbert.data.cache:prepare_command",
+}
+
+
+def _add_inference_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("checkpoint", help="a pointbert checkpoint (see `pointbert import` for official .pth files)")
+    p.add_argument("input", help="a .npy of shape (N,3) or (B,N,3), one point-cloud file, or a folder of them")
+    p.add_argument("--out", required=True, help=f"where to write the {what} (.npy)")
+    p.add_argument("--num-points", type=int, default=None,
+                   help="points per cloud fed to the model (default: the checkpoint's data.num_points); "
+                        "clouds with more are reduced by FPS from point 0")
+    p.add_argument("--normalize", action="store_true",
+                   help="centre each cloud and scale it into the unit sphere first (default: use points as given)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="pointbert",
+        description="Point-BERT: point tokenizer, masked point modeling pre-training, fine-tuning and inference.")
+    parser.add_argument("--version", action="version", version=f"pointbert {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    p = sub.add_parser("import", help="convert an official Point-BERT .pth (dVAE, pre-trained, fine-tuned, "
+                                      "part segmentation) into a pointbert checkpoint")
+    p.add_argument("source", help="the official .pth file")
+    p.add_argument("--out", required=True, help="the pointbert checkpoint to write (.pt)")
+    p.add_argument("--kind", choices=["tokenizer", "pretrain", "classifier", "partseg"], default=None,
+                   help="what the file holds (default: recognised from its keys)")
+    p.add_argument("--num-points", type=int, default=None,
+                   help="points per cloud the imported model will expect (default: the official preset's)")
+    p.add_argument("--num-patches", type=int, default=None,
+                   help="patches per cloud (default: the official preset's; 64 for 1k points)")
+    p.add_argument("--class-names", default=None,
+                   help="a text file with one class name per line, stored in the checkpoint for `predict`")
+    p.add_argument("--safetensors", default=None, help="also export the weights to this .safetensors file")
+
+    p = sub.add_parser("predict", help="class logits of point clouds from a classifier checkpoint")
+    _add_inference_args(p, "logits (B, num_classes)")
+    p.add_argument("--vote", type=int, default=0, metavar="VIEWS",
+                   help="average the logits over this many random views (spec 6.3); 0 = no voting")
+    p.add_argument("--top", type=int, default=1, help="print this many top classes per cloud")
+
+    p = sub.add_parser("tokenize", help="discrete token ids (B, G) from a tokenizer or pre-training checkpoint")
+    _add_inference_args(p, "token ids (B, G)")
+
+    p = sub.add_parser("embed", help="backbone features (B, 2*dim): [cls ; max over patches]")
+    _add_inference_args(p, "features (B, 2*dim)")
+
+    data = sub.add_parser("data", help="inspect and prepare datasets")
+    dsub = data.add_subparsers(dest="data_command", metavar="<data command>")
+    p = dsub.add_parser("inspect", help="detect the format of a dataset or file; count classes, splits, points; "
+                                        "list unreadable or degenerate files")
+    p.add_argument("path", help="a dataset folder or a single point-cloud file")
+    p.add_argument("--dataset", default="auto",
+                   help="force a format: auto, folder, modelnet40, modelnet10, shapenet55, scanobjectnn, "
+                        "fewshot, shapenetpart, file")
+    p.add_argument("--max-files", type=int, default=None, help="check at most this many files (default all)")
+    p = dsub.add_parser("prepare", help="convert a dataset once into a memory-mapped cache that training reads")
+    p.add_argument("path", help="the dataset folder")
+    p.add_argument("--dataset", default="auto", help="the format (default: detected)")
+    p.add_argument("--split", default="all", help="train, test or all (default all)")
+    p.add_argument("--num-points", type=int, default=None,
+                   help="points stored per shape, reduced by FPS (default: all points, or 8192 for the "
+                        "official ModelNet FPS pre-sampling)")
+    p.add_argument("--out", default=None, help="cache folder (default: <path>/.pointbert-cache)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable files and report how many")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import PointBERTError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    name = args.command
+    if name is None:
+        parser.print_help()
+        return 1
+    if name == "data":
+        if args.data_command is None:
+            parser.parse_args(["data", "--help"])
+        name = f"data {args.data_command}"
+    module, func = COMMANDS[name].split(":")
+    try:
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
+    except PointBERTError as e:
+        print(f"pointbert {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pointbert {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,494 @@
+"""Typed configuration: dataclasses with the paper's defaults, named presets, YAML and dotted overrides.
+
+One source of truth. Every number the method uses lives in a field here (the spec section that
+gives it is named in the comment); YAML files and ``section.field=value`` overrides only change
+fields, and :func:`validate` rejects anything inconsistent with a one-line message.
+
+A :class:`Config` has a ``kind`` (``tokenizer | pretrain | classifier | partseg``) and sections:
+
+* ``patches``   grouping: num_patches G, patch_size K, embed_dim of the mini-PointNet (spec 1.2-1.3)
+* ``backbone``  the Transformer (spec 1.4-1.5)
+* ``tokenizer`` the dVAE (spec 4)
+* ``mpm``       masked point modeling, mixing and momentum contrast (spec 5)
+* ``head``      classification head (spec 6.1)
+* ``partseg``   part segmentation head (spec 6.5)
+* ``data``      dataset and sampling (spec 2, 6.2)
+* ``optim``     AdamW + warm-up/cosine schedule (spec 1.7)
+* ``train``     epochs, batch, evaluation, precision (spec 1.7, 6.2)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import PointBERTError
+
+KINDS = ("tokenizer", "pretrain", "classifier", "partseg")
+
+
+class ConfigError(PointBERTError, ValueError):
+    """A configuration value is missing, unknown or inconsistent."""
+
+
+@dataclass
+class PatchConfig:
+    num_patches: int = 64  # G, FPS centers (spec 3)
+    patch_size: int = 32  # K, kNN neighbours per center (spec 3)
+    embed_dim: int = 256  # mini-PointNet output channels, `encoder_dims` (spec 1.3)
+
+
+@dataclass
+class BackboneConfig:
+    dim: int = 384  # trans_dim (spec 1.4)
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    drop_path_rate: float = 0.1  # linspace(0, rate, depth) (spec 1.4)
+    pos_hidden: int = 128  # position MLP 3 -> 128 -> dim (spec 1.5)
+
+
+@dataclass
+class TokenizerConfig:
+    """The dVAE (spec 4)."""
+
+    vocab_size: int = 8192  # num_tokens
+    token_dim: int = 256  # tokens_dims: codebook width
+    decoder_dim: int = 256  # decoder_dims: dgcnn_2 output = folding decoder input
+    dgcnn_k: int = 4  # kNN over centers in the DGCNNs (spec 4.1)
+    # Gumbel temperature: cosine from start to end over `temp_steps` iterations (spec 4.4)
+    temp_start: float = 1.0
+    temp_end: float = 0.0625
+    temp_steps: int = 100_000
+    # KL weight: 0 for `kl_delay` iterations, then cosine 0 -> kl_weight over `kl_steps` (spec 4.4)
+    kl_weight: float = 0.1
+    kl_delay: int = 10_000
+    kl_steps: int = 100_000
+
+
+@dataclass
+class MPMConfig:
+    """Masked point modeling with point-patch mixing and momentum contrast (spec 5)."""
+
+    mask_type: str = "block"  # block | random (spec 5.3, 11.3)
+    mask_ratio: tuple[float, float] = (0.25, 0.45)  # per-sample ratio ~ U(lo, hi)
+    replace_prob: float = 0.0  # random token replacement, off in the released config
+    proj_dim: int = 512  # `cls_dim` of the contrastive projection head
+    momentum: float = 0.999  # key encoder EMA
+    temperature: float = 0.07
+    queue_size: int = 16_384
+    mpm_loss: bool = True  # `dvae_loss`
+    mix_loss: bool = True  # `cutmix_loss`, paper Eq. 3
+    moco_loss: bool = False  # plain MoCo on un-mixed clouds: off in the released config (spec 11.1)
+    key_masked: bool = True  # the key encoder sees block-masked clouds, as the official code (spec 11.2)
+    tokenizer_bn_train: bool = True  # frozen dVAE BatchNorm in batch-stat mode, as official (spec 11.8)
+
+
+@dataclass
+class HeadConfig:
+    """Classification head: [cls ; max] -> Linear -> ReLU -> Dropout -> Linear (spec 6.1)."""
+
+    num_classes: int = 40  # cls_dim; 40 even for ScanObjectNN and few-shot in the official configs
+    hidden: int = 256
+    dropout: float = 0.5
+
+
+@dataclass
+class PartSegConfig:
+    """Part segmentation head (spec 6.5)."""
+
+    num_parts: int = 50
+    num_categories: int = 16
+    feature_blocks: tuple[int, int, int] = (3, 7, 11)  # 0-based blocks whose outputs are used
+    num_level1: int = 512  # FPS points of level L1
+    num_level2: int = 256  # FPS points of level L2
+    prop_hidden: int = 1536
+    head_hidden: int = 128
+    dropout: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # synthetic | shapenet55 | modelnet40 | modelnet10 | scanobjectnn | fewshot | shapenetpart | folder
+    path: str = ""
+    variant: str = ""  # scanobjectnn: objectbg | objectonly | hardest
+    num_points: int = 1024  # npoints fed to the model
+    point_pool: int = 1200  # `point_all`: FPS pool from which training subsets are drawn (spec 6.2)
+    whole: bool = False  # ShapeNet-55: train+test for pre-training (spec 2.1)
+    augment: str = "scale_translate"  # scale_translate | partseg | none (spec 2.6)
+    way: int = 5
+    shot: int = 10
+    fold: int = 0
+    num_workers: int = 2
+    probe_dataset: str = ""  # labelled dataset for the SVM probe during pre-training ("" = none)
+    probe_path: str = ""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_epochs: int = 10
+    warmup_lr: float = 1e-6  # hard-coded in the official builder (spec 1.7)
+    min_lr: float = 1e-6
+    grad_clip: float = 10.0  # max L2 norm; 0 disables
+    label_smoothing: float = 0.0  # official `--label_smoothing` uses 0.2 (spec 6.1)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300  # schedule length (`max_epoch`)
+    extra_epoch: bool = True  # the official loops run epochs 0..max_epoch inclusive (spec 0)
+    batch_size: int = 32  # global batch
+    grad_accum: int = 1
+    eval_every: int = 1
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    vote_views: int = 10  # voting: views averaged (spec 6.3)
+    vote_repeats: int = 9  # voting: repetitions, max reported (spec 6.3)
+    sync_bn: bool = False
+
+
+@dataclass
+class Config:
+    kind: str = "classifier"
+    patches: PatchConfig = field(default_factory=PatchConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    mpm: MPMConfig = field(default_factory=MPMConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    partseg: PartSegConfig = field(default_factory=PartSegConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        return apply_dict(cls(), d, where="config")
+
+    def replace(self, **overrides: Any) -> Config:
+        """A copy with dotted overrides applied: ``cfg.replace(**{"backbone.depth": 4})``."""
+        return apply_overrides(self, [f"{k}={v!r}" if isinstance(v, str) else f"{k}={_yaml_dump(v)}"
+                                      for k, v in overrides.items()])
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets mirroring the official configs (spec 3-6) and tiny ones for tests.
+# --------------------------------------------------------------------------------------------------
+
+
+def _tokenizer() -> Config:  # cfgs/ShapeNet55_models/dvae.yaml
+    c = Config(kind="tokenizer")
+    c.data = DataConfig(dataset="shapenet55", num_points=1024, augment="none")
+    c.optim = OptimConfig(lr=5e-4, weight_decay=5e-4, warmup_epochs=10, grad_clip=0.0)
+    c.train = TrainConfig(epochs=300, batch_size=64)
+    return c
+
+
+def _pretrain() -> Config:  # cfgs/Mixup_models/Point-BERT.yaml
+    c = Config(kind="pretrain")
+    c.data = DataConfig(dataset="shapenet55", num_points=1024, whole=True, augment="scale_translate",
+                        probe_dataset="modelnet40")
+    c.optim = OptimConfig(lr=5e-4, weight_decay=0.05, warmup_epochs=3, grad_clip=0.0)
+    c.train = TrainConfig(epochs=300, batch_size=128, sync_bn=True)
+    return c
+
+
+def _modelnet(points: int) -> Config:  # cfgs/ModelNet_models/PointTransformer*.yaml
+    c = Config(kind="classifier")
+    groups = {1024: 64, 2048: 128, 4096: 256, 8192: 512}[points]
+    pool = {1024: 1200, 2048: 2400, 4096: 4800, 8192: 8192}[points]
+    c.patches = PatchConfig(num_patches=groups)
+    c.data = DataConfig(dataset="modelnet40", num_points=points, point_pool=pool)
+    return c
+
+
+def _scanobjectnn(variant: str) -> Config:  # cfgs/ScanObjectNN_models/*.yaml
+    c = Config(kind="classifier")
+    c.data = DataConfig(dataset="scanobjectnn", variant=variant, num_points=1024, point_pool=1200)
+    return c
+
+
+def _fewshot() -> Config:  # cfgs/Fewshot_models/PointTransformer.yaml
+    c = Config(kind="classifier")
+    c.data = DataConfig(dataset="fewshot", num_points=1024, point_pool=1200)
+    c.optim = OptimConfig(warmup_epochs=10)
+    c.train = TrainConfig(epochs=150)
+    return c
+
+
+def _partseg() -> Config:  # segmentation/train_partseg.py
+    c = Config(kind="partseg")
+    c.patches = PatchConfig(num_patches=128)
+    c.data = DataConfig(dataset="shapenetpart", num_points=2048, augment="partseg")
+    c.optim = OptimConfig(lr=5e-4, weight_decay=0.05, warmup_epochs=10, grad_clip=0.0)
+    c.train = TrainConfig(epochs=300, extra_epoch=False, batch_size=16)
+    return c
+
+
+def _tiny(kind: str) -> Config:
+    """A few-thousand-parameter model for tests: same method, small numbers."""
+    c = Config(kind=kind)
+    c.patches = PatchConfig(num_patches=16, patch_size=8, embed_dim=32)
+    c.backbone = BackboneConfig(dim=32, depth=2, num_heads=2, pos_hidden=16, drop_path_rate=0.1)
+    c.tokenizer = TokenizerConfig(vocab_size=64, token_dim=16, decoder_dim=16,
+                                  temp_steps=100, kl_delay=10, kl_steps=100)
+    c.mpm = MPMConfig(proj_dim=16, queue_size=64)
+    c.head = HeadConfig(num_classes=10, hidden=16)
+    c.partseg = PartSegConfig(num_parts=50, num_categories=16, feature_blocks=(0, 1, 1),
+                              num_level1=64, num_level2=32, prop_hidden=32, head_hidden=16)
+    c.data = DataConfig(dataset="synthetic", num_points=256, point_pool=300, num_workers=0)
+    c.optim = OptimConfig(warmup_epochs=1)
+    c.train = TrainConfig(epochs=2, batch_size=8, extra_epoch=False)
+    if kind == "partseg":
+        c.data.augment = "partseg"
+    return c
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {
+    "tokenizer": _tokenizer,
+    "pretrain": _pretrain,
+    "modelnet40-1k": lambda: _modelnet(1024),
+    "modelnet40-2k": lambda: _modelnet(2048),
+    "modelnet40-4k": lambda: _modelnet(4096),
+    "modelnet40-8k": lambda: _modelnet(8192),
+    "scanobjectnn-objectbg": lambda: _scanobjectnn("objectbg"),
+    "scanobjectnn-objectonly": lambda: _scanobjectnn("objectonly"),
+    "scanobjectnn-hardest": lambda: _scanobjectnn("hardest"),
+    "fewshot": _fewshot,
+    "partseg": _partseg,
+    "tiny-tokenizer": lambda: _tiny("tokenizer"),
+    "tiny-pretrain": lambda: _tiny("pretrain"),
+    "tiny-classifier": lambda: _tiny("classifier"),
+    "tiny-partseg": lambda: _tiny("partseg"),
+}
+
+
+def preset(name: str) -> Config:
+    """A fresh copy of a named preset (see :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML, dotted overrides, validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _yaml_dump(v: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML-parsed value to the annotated field type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float)
+                                                                     and value.is_integer())):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def apply_dict(cfg: Config, d: dict[str, Any], where: str = "config") -> Config:
+    """Return a copy of ``cfg`` with the nested dict ``d`` applied; unknown keys are errors."""
+    cfg = copy.deepcopy(cfg)
+
+    def merge(obj: Any, sub: dict[str, Any], path: str) -> None:
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{where}: {path or 'top level'} must be a mapping, got {sub!r}")
+        types = _field_types(obj)
+        for k, v in sub.items():
+            name = f"{path}.{k}" if path else str(k)
+            if k not in types:
+                known = ", ".join(f.name for f in fields(obj))
+                raise ConfigError(f"{where}: unknown key {name!r} (known: {known})")
+            cur = getattr(obj, k)
+            if dataclasses.is_dataclass(cur):
+                merge(cur, v, name)
+            else:
+                setattr(obj, k, _coerce(v, types[k], f"{where}: {name}"))
+
+    merge(cfg, d, "")
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str], where: str = "override") -> Config:
+    """Apply ``section.field=value`` strings (values parsed as YAML: ``1e-3``, ``[0.2, 0.4]``, ``true``)."""
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{where} {item!r}: expected section.field=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        nested: dict[str, Any] = {}
+        cur = nested
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = value
+        if value is None:
+            raise ConfigError(f"{where} {item!r}: empty value")
+        if isinstance(value, (int, float)) and _is_str_field(cfg, parts):
+            value = raw
+            cur[parts[-1]] = raw
+        cfg = apply_dict(cfg, nested, where=f"{where} {item!r}")
+    return cfg
+
+
+def _is_str_field(cfg: Config, parts: list[str]) -> bool:
+    obj: Any = cfg
+    for p in parts[:-1]:
+        obj = getattr(obj, p, None)
+        if obj is None:
+            return False
+    try:
+        return _field_types(obj).get(parts[-1]) is str
+    except TypeError:
+        return False
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such config file")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise ConfigError(f"{p}: invalid YAML{'' if line is None else f' at line {line + 1}'}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    return d
+
+
+def build_config(preset_name: str | None = None, yaml_path: str | Path | None = None,
+                 overrides: list[str] | None = None, kind: str | None = None) -> Config:
+    """preset (or defaults for ``kind``) -> YAML file -> dotted overrides -> validate.
+
+    A YAML file may name its base with a top-level ``preset:`` key.
+    """
+    d: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
+    base = preset_name or d.pop("preset", None)
+    d.pop("preset", None)
+    cfg = preset(base) if base else Config(kind=kind or "classifier")
+    if kind and cfg.kind != kind:
+        raise ConfigError(f"preset {base!r} is a {cfg.kind} config, this command needs a {kind} config")
+    if d:
+        cfg = apply_dict(cfg, d, where=str(yaml_path))
+    cfg = apply_overrides(cfg, overrides or [])
+    validate(cfg)
+    return cfg
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    import yaml
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    Path(path).write_text(yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False))
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError with one clear line for the first inconsistent value."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.kind in KINDS, f"kind must be one of {', '.join(KINDS)}, got {cfg.kind!r}")
+    p, b, t, m = cfg.patches, cfg.backbone, cfg.tokenizer, cfg.mpm
+    for name, v in [("patches.num_patches", p.num_patches), ("patches.patch_size", p.patch_size),
+                    ("patches.embed_dim", p.embed_dim), ("backbone.dim", b.dim),
+                    ("backbone.depth", b.depth), ("backbone.num_heads", b.num_heads),
+                    ("backbone.pos_hidden", b.pos_hidden), ("tokenizer.vocab_size", t.vocab_size),
+                    ("tokenizer.token_dim", t.token_dim), ("tokenizer.decoder_dim", t.decoder_dim),
+                    ("tokenizer.dgcnn_k", t.dgcnn_k), ("head.num_classes", cfg.head.num_classes),
+                    ("data.num_points", cfg.data.num_points), ("train.batch_size", cfg.train.batch_size),
+                    ("train.grad_accum", cfg.train.grad_accum), ("train.eval_every", cfg.train.eval_every),
+                    ("mpm.proj_dim", m.proj_dim), ("mpm.queue_size", m.queue_size)]:
+        need(v > 0, f"{name} must be positive, got {v}")
+    need(b.dim % b.num_heads == 0,
+         f"backbone.dim ({b.dim}) must be divisible by backbone.num_heads ({b.num_heads})")
+    need(0 <= b.drop_path_rate < 1, f"backbone.drop_path_rate must be in [0, 1), got {b.drop_path_rate}")
+    need(cfg.data.num_points >= p.patch_size,
+         f"data.num_points ({cfg.data.num_points}) must be at least patches.patch_size ({p.patch_size})")
+    need(p.num_patches <= cfg.data.num_points,
+         f"patches.num_patches ({p.num_patches}) must not exceed data.num_points ({cfg.data.num_points})")
+    need(t.dgcnn_k <= p.num_patches,
+         f"tokenizer.dgcnn_k ({t.dgcnn_k}) must not exceed patches.num_patches ({p.num_patches})")
+    need(p.patch_size % 4 == 0, f"patches.patch_size ({p.patch_size}) must be a multiple of 4 "
+         "(the folding decoder makes 4 fine points per coarse point)")
+    lo, hi = m.mask_ratio
+    need(0 <= lo <= hi < 1, f"mpm.mask_ratio must satisfy 0 <= lo <= hi < 1, got {list(m.mask_ratio)}")
+    need(m.mask_type in ("block", "random"), f"mpm.mask_type must be block or random, got {m.mask_type!r}")
+    need(0 <= m.replace_prob < 1, f"mpm.replace_prob must be in [0, 1), got {m.replace_prob}")
+    need(0 <= m.momentum <= 1, f"mpm.momentum must be in [0, 1], got {m.momentum}")
+    need(m.temperature > 0, f"mpm.temperature must be positive, got {m.temperature}")
+    need(0 <= cfg.head.dropout < 1, f"head.dropout must be in [0, 1), got {cfg.head.dropout}")
+    ps = cfg.partseg
+    need(all(0 <= i < b.depth for i in ps.feature_blocks),
+         f"partseg.feature_blocks {list(ps.feature_blocks)} must index blocks 0..{b.depth - 1}")
+    need(ps.num_level2 <= ps.num_level1 <= cfg.data.num_points,
+         "partseg levels must satisfy num_level2 <= num_level1 <= data.num_points")
+    o = cfg.optim
+    need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    need(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
+    need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {o.grad_clip}")
+    need(0 <= o.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
+    need(cfg.train.epochs > 0, f"train.epochs must be positive, got {cfg.train.epochs}")
+    need(cfg.train.precision in ("auto", "fp32", "bf16", "fp16"),
+         f"train.precision must be auto, fp32, bf16 or fp16, got {cfg.train.precision!r}")
+    need(cfg.data.augment in ("scale_translate", "partseg", "none"),
+         f"data.augment must be scale_translate, partseg or none, got {cfg.data.augment!r}")
+    return cfg
