@@ -1,0 +1,157 @@
+"""Self-describing checkpoints: one file rebuilds its model.
+
+A checkpoint is a plain dict saved with ``torch.save`` and always read back with
+``torch.load(weights_only=True)`` (loading never executes code)::
+
+    format          "pointbert"
+    format_version  1
+    kind            tokenizer | pretrain | classifier | partseg
+    config          the resolved Config as a nested dict
+    model           the model state dict
+    class_names     optional list of class names (classifiers)
+    ... training runs add: optimizer, scaler, step, epoch, metrics, best_metrics, rng, ...
+
+Writes are atomic: a temporary file in the same folder, fsync, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config, ConfigError, validate
+from .errors import CheckpointError
+
+FORMAT = "pointbert"
+FORMAT_VERSION = 1
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The model of ``cfg.kind``, freshly initialised as the official code does."""
+    if cfg.kind == "tokenizer":
+        from .tokenizer import DiscreteVAE
+
+        return DiscreteVAE(cfg)
+    if cfg.kind == "pretrain":
+        from .mpm import PointBERT
+
+        return PointBERT(cfg)
+    if cfg.kind == "classifier":
+        from .heads import Classifier
+
+        return Classifier(cfg)
+    if cfg.kind == "partseg":
+        from .heads import PartSegmenter
+
+        return PartSegmenter(cfg)
+    raise ConfigError(f"unknown model kind {cfg.kind!r}")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, cfg: Config, model: nn.Module | dict[str, torch.Tensor],
+                    **extra: Any) -> None:
+    """Atomically save a self-describing checkpoint. ``extra`` holds optimizer state, step, metrics, ..."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": cfg.kind,
+               "config": cfg.to_dict(), "model": state, **extra}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, kinds: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Read a pointbert checkpoint safely (weights only) and check its format and kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a loadable weights-only checkpoint ({msg[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        hint = ""
+        if isinstance(ckpt, dict) and ({"base_model", "model", "model_state_dict"} & set(ckpt)):
+            hint = "; it looks like an official Point-BERT file: convert it with `pointbert import`"
+        raise CheckpointError(f"{path}: not a pointbert checkpoint{hint}")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer pointbert (format {ckpt['format_version']}); upgrade")
+    if kinds is not None and ckpt.get("kind") not in kinds:
+        raise CheckpointError(f"{path}: is a {ckpt.get('kind')} checkpoint, expected {' or '.join(kinds)}")
+    return ckpt
+
+
+def config_of(ckpt: dict[str, Any], where: str = "checkpoint") -> Config:
+    try:
+        return validate(Config.from_dict(ckpt["config"]))
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{where}: invalid stored config ({e})") from None
+
+
+def load_model(path: str | Path, kinds: tuple[str, ...] | None = None,
+               device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from the file alone, load its weights strictly, put it in eval mode."""
+    ckpt = load_checkpoint(path, kinds)
+    cfg = config_of(ckpt, str(path))
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), ckpt
+
+
+def export_safetensors(path: str | Path, cfg: Config, model: nn.Module | dict[str, torch.Tensor],
+                       **metadata: str) -> None:
+    """Write the weights as safetensors; the config travels as JSON in the metadata."""
+    from safetensors.torch import save
+
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    meta = {"format": FORMAT, "kind": cfg.kind, "config": json.dumps(cfg.to_dict()), **metadata}
+    atomic_write_bytes(path, save(state, metadata=meta))
+
+
+def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config]:
+    """Rebuild a model from a safetensors file written by :func:`export_safetensors`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise CheckpointError(f"{path}: safetensors file without a pointbert config in its metadata")
+    cfg = config_of({"config": json.loads(meta["config"])}, str(path))
+    model = build_model(cfg)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), cfg

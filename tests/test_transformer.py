@@ -1,0 +1,168 @@
+"""The backbone: attention, blocks, position re-adding, pooling, intermediates, init, patches."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pointbert.config import BackboneConfig, PatchConfig, preset
+from pointbert.patches import PatchEmbed, group
+from pointbert.transformer import Attention, Backbone, DropPath, init_trunc_normal
+
+
+def _tiny_backbone(seed=0):
+    torch.manual_seed(seed)
+    cfg = preset("tiny-classifier")
+    return Backbone(cfg.patches, cfg.backbone).eval(), cfg
+
+
+def test_attention_matches_explicit_softmax():
+    torch.manual_seed(0)
+    attn = Attention(dim=24, num_heads=3)
+    x = torch.randn(2, 7, 24)
+    B, L, C = x.shape
+    qkv = attn.qkv(x).reshape(B, L, 3, 3, 8).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    w = (q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)
+    ref = attn.proj((w @ v).transpose(1, 2).reshape(B, L, C))
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_qkv_rows_are_q_then_k_then_v_heads_contiguous():
+    """Official layout (spec 7.2): rows [q(dim); k(dim); v(dim)], 64-wide heads contiguous in each third."""
+    attn = Attention(dim=8, num_heads=2)
+    with torch.no_grad():
+        attn.qkv.weight.zero_()
+        attn.qkv.weight[16:24] = torch.eye(8)  # v = x, q = k = 0 -> uniform attention
+        attn.proj.weight.copy_(torch.eye(8))
+        attn.proj.bias.zero_()
+    x = torch.randn(1, 5, 8)
+    torch.testing.assert_close(attn(x), x.mean(1, keepdim=True).expand_as(x))
+
+
+def test_drop_path_identity_in_eval_and_scaled_in_train():
+    dp = DropPath(0.5)
+    x = torch.ones(1000, 3, 4)
+    assert torch.equal(dp.eval()(x), x)
+    y = dp.train()(x)
+    kept = y[:, 0, 0] != 0
+    assert 400 < kept.sum() < 600
+    assert torch.all(y[kept] == 2.0) and torch.all(y[~kept] == 0)
+
+
+def test_stochastic_depth_rates_are_linspace():
+    bb = Backbone(PatchConfig(), BackboneConfig(depth=12, drop_path_rate=0.1))
+    rates = [b.drop_path.p for b in bb.blocks]
+    assert rates[0] == 0 and math.isclose(rates[-1], 0.1, rel_tol=1e-6)
+    assert all(math.isclose(a, b) for a, b in zip(rates, torch.linspace(0, 0.1, 12).tolist()))
+
+
+def test_position_is_readded_before_every_block_and_norm_at_end():
+    bb, _ = _tiny_backbone()
+    points = torch.randn(2, 256, 3)
+    nb, c = bb.group(points)
+    x, pos = bb.embed(nb, c)
+    ref = x
+    for blk in bb.blocks:
+        ref = blk(ref + pos)
+    ref = bb.norm(ref)
+    torch.testing.assert_close(bb.forward_features(points), ref)
+    pooled = bb(points)
+    torch.testing.assert_close(pooled, torch.cat([ref[:, 0], ref[:, 1:].max(1).values], -1))
+    assert pooled.shape == (2, 2 * bb.dim)
+
+
+def test_forward_intermediates_are_normed_block_outputs_without_cls():
+    bb, _ = _tiny_backbone()
+    points = torch.randn(2, 256, 3)
+    nb, c = bb.group(points)
+    x, pos = bb.embed(nb, c)
+    outs = []
+    for blk in bb.blocks:
+        x = blk(x + pos)
+        outs.append(bb.norm(x)[:, 1:])
+    feats, centers = bb.forward_intermediates(points, indices=(1, 0))
+    torch.testing.assert_close(feats[0], outs[1])
+    torch.testing.assert_close(feats[1], outs[0])
+    torch.testing.assert_close(centers, c)
+    with pytest.raises(ValueError, match="out of range"):
+        bb.forward_intermediates(points, indices=(5,))
+
+
+def test_masked_positions_take_the_mask_token():
+    bb, _ = _tiny_backbone()
+    nb, c = bb.group(torch.randn(2, 256, 3))
+    mask = torch.zeros(2, bb.num_patches, dtype=torch.bool)
+    mask[0, :3] = True
+    token = torch.full((1, 1, bb.dim), 7.0)
+    x, _ = bb.embed(nb, c, mask, token)
+    assert torch.all(x[0, 1:4] == 7.0) and not torch.any(x[0, 4:] == 7.0) and not torch.any(x[1] == 7.0)
+
+
+def test_official_finetune_init():
+    torch.manual_seed(0)
+    bb = Backbone()
+    assert torch.all(bb.cls_token == 0)
+    assert 0.9 < bb.cls_pos.std() < 1.1  # N(0, 1)
+    # PyTorch default Linear init: uniform(+-1/sqrt(fan_in)) for weights and biases
+    w = bb.blocks[0].mlp.fc1.weight
+    assert w.abs().max() <= 1 / math.sqrt(384) + 1e-6
+
+
+def test_trunc_normal_init():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(300, 400), nn.LayerNorm(400), nn.Conv1d(3, 300, 1), nn.BatchNorm1d(4))
+    with torch.no_grad():
+        m[1].weight.fill_(3.0)
+    init_trunc_normal(m)
+    assert abs(m[0].weight.std().item() - 0.02) < 0.002 and torch.all(m[0].bias == 0)
+    assert torch.all(m[1].weight == 1) and torch.all(m[1].bias == 0)
+    assert abs(m[2].weight.std().item() - 0.02) < 0.004
+
+
+def test_backbone_parameter_count_matches_official_trunk():
+    """spec 6.1: encoder 428,800; blocks 21,279,744; whole classifier 22,065,960 with the 207,144 head."""
+    bb = Backbone()
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    assert n(bb.patch_embed) == 428_800
+    assert n(bb.blocks) == 21_279_744
+    assert n(bb) + 207_144 == 22_065_960
+
+
+def test_group_neighborhoods_are_local_and_contain_their_center():
+    torch.manual_seed(0)
+    points = torch.randn(3, 200, 3)
+    nb, centers = group(points, 16, 8)
+    assert nb.shape == (3, 16, 8, 3) and centers.shape == (3, 16, 3)
+    assert torch.equal(centers[:, 0], points[:, 0])  # FPS starts at point 0
+    assert torch.all(nb.norm(dim=-1).min(dim=-1).values == 0)  # each patch holds its center
+    # neighbours are the K nearest input points
+    d = torch.cdist(centers, points)
+    kth = d.topk(8, dim=-1, largest=False).values[..., -1]
+    assert torch.all(nb.norm(dim=-1).max(dim=-1).values <= kth + 1e-5)
+    with pytest.raises(ValueError, match="at least 32"):
+        group(torch.randn(1, 20, 3), 4, 32)
+
+
+def test_patch_embed_matches_conv1d_layout():
+    """Our Linear-over-points mini-PointNet equals the official Conv1d(k=1) layout with the same weights."""
+    torch.manual_seed(0)
+    pe = PatchEmbed(64).train()
+    nb = torch.randn(2, 5, 16, 3)
+
+    conv1 = nn.Sequential(nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(), nn.Conv1d(128, 256, 1))
+    conv2 = nn.Sequential(nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(), nn.Conv1d(512, 64, 1))
+    with torch.no_grad():
+        for ours, ref in ((pe.first_conv, conv1), (pe.second_conv, conv2)):
+            for i in (0, 3):
+                ref[i].weight.copy_(ours[i].weight[..., None])
+                ref[i].bias.copy_(ours[i].bias)
+    x = nb.reshape(10, 16, 3).transpose(2, 1)
+    f = conv1(x)
+    g = f.max(dim=2, keepdim=True).values
+    f = conv2(torch.cat([g.expand(-1, -1, 16), f], 1))
+    ref_out = f.max(dim=2).values.reshape(2, 5, 64)
+    torch.testing.assert_close(pe(nb), ref_out, atol=1e-5, rtol=1e-4)
+    # running statistics were updated identically
+    torch.testing.assert_close(pe.first_conv[1].running_var, conv1[1].running_var, atol=1e-5, rtol=1e-4)
