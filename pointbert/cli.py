@@ -17,6 +17,13 @@ COMMANDS = {
     "predict": "pointbert.inference:predict_command",
     "tokenize": "pointbert.inference:tokenize_command",
     "embed": "pointbert.inference:embed_command",
+    "train-tokenizer": "pointbert.tasks.tokenizer:train_tokenizer_command",
+    "pretrain": "pointbert.tasks.pretrain:pretrain_command",
+    "finetune": "pointbert.tasks.finetune:finetune_command",
+    "evaluate": "pointbert.tasks.finetune:evaluate_command",
+    "fewshot": "pointbert.tasks.fewshot:fewshot_command",
+    "partseg": "pointbert.tasks.partseg:partseg_command",
+    "probe": "pointbert.tasks.probe:probe_command",
     "data inspect": "pointbert.data.inspect:inspect_command",
     "data prepare": "pointbert.data.cache:prepare_command",
 }
@@ -33,6 +40,24 @@ def _add_inference_args(p: argparse.ArgumentParser, what: str) -> None:
                    help="centre each cloud and scale it into the unit sphere first (default: use points as given)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default cpu)")
+
+
+def _add_train_args(p: argparse.ArgumentParser, preset: str) -> None:
+    """Flags shared by every training stage."""
+    p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                   help="dotted config overrides, e.g. optim.lr=1e-3 backbone.depth=6 (see pointbert/config.py)")
+    p.add_argument("--config", default=None, help="a YAML config file (may name its base with `preset:`)")
+    p.add_argument("--preset", default=None, help=f"a named preset (default {preset}); see pointbert.config.PRESETS")
+    p.add_argument("--data", default=None,
+                   help="a dataset folder (format detected) or a built-in dataset name (default: the preset's)")
+    p.add_argument("--out", default=None, help="run folder for checkpoints, logs and curves (default runs/<stage>)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (kept under torchrun)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (one log line per epoch)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="points per cloud the imported model will expect (default: the official preset's)")
     p.add_argument("--num-patches", type=int, default=None,
                    help="patches per cloud (default: the official preset's; 64 for 1k points)")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads (not stored in official files; default dim // 64, i.e. 6 for 384)")
+    p.add_argument("--keep-momentum", action="store_true",
+                   help="pre-trained files: keep the momentum encoder and queue (default: drop them; the key "
+                        "encoder becomes a copy of the query encoder, as at the start of pre-training)")
     p.add_argument("--class-names", default=None,
                    help="a text file with one class name per line, stored in the checkpoint for `predict`")
     p.add_argument("--safetensors", default=None, help="also export the weights to this .safetensors file")
@@ -62,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_args(p, "logits (B, num_classes)")
     p.add_argument("--vote", type=int, default=0, metavar="VIEWS",
                    help="average the logits over this many random views (spec 6.3); 0 = no voting")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random voting views (default 0)")
     p.add_argument("--top", type=int, default=1, help="print this many top classes per cloud")
 
     p = sub.add_parser("tokenize", help="discrete token ids (B, G) from a tokenizer or pre-training checkpoint")
@@ -69,6 +100,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="backbone features (B, 2*dim): [cls ; max over patches]")
     _add_inference_args(p, "features (B, 2*dim)")
+
+    p = sub.add_parser("train-tokenizer", help="train the dVAE point tokenizer (spec 4)")
+    _add_train_args(p, "tokenizer")
+
+    p = sub.add_parser("pretrain", help="masked point modeling pre-training with mixing and momentum contrast (spec 5)")
+    _add_train_args(p, "pretrain")
+    p.add_argument("--tokenizer", required=False, default=None,
+                   help="a trained tokenizer checkpoint (from train-tokenizer or `pointbert import`)")
+
+    p = sub.add_parser("finetune", help="fine-tune a classifier (ModelNet40, ScanObjectNN, any labelled folder)")
+    _add_train_args(p, "modelnet40-1k")
+    p.add_argument("--init", default=None, help="a pre-training (or classifier) checkpoint to start from")
+    p.add_argument("--scratch", action="store_true", help="train from random initialisation (no --init)")
+
+    p = sub.add_parser("evaluate", help="test accuracy of a classifier checkpoint, optionally with voting")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value")
+    p.add_argument("--data", default=None, help="the test data (default: the checkpoint's)")
+    p.add_argument("--vote", action="store_true", help="also the voting accuracy of spec 6.3")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+
+    p = sub.add_parser("fewshot", help="few-shot episodes: fine-tune per fold, report mean +- std (spec 6.4)")
+    _add_train_args(p, "fewshot")
+    p.add_argument("--init", default=None, help="a pre-training checkpoint (omit with --scratch)")
+    p.add_argument("--scratch", action="store_true")
+    p.add_argument("--way", type=int, default=None)
+    p.add_argument("--shot", type=int, default=None)
+    p.add_argument("--folds", default="0-9", help="folds to run: 0-9, or 0,3,5 (default 0-9)")
+
+    p = sub.add_parser("partseg", help="part segmentation fine-tuning (ShapeNetPart recipe, spec 6.5)")
+    _add_train_args(p, "partseg")
+    p.add_argument("--init", default=None)
+    p.add_argument("--scratch", action="store_true")
+
+    p = sub.add_parser("probe", help="linear SVM on frozen backbone features: train split -> test split accuracy")
+    p.add_argument("--init", default=None, help="a pre-training or classifier checkpoint (omit with --random)")
+    p.add_argument("--random", action="store_true", help="probe a randomly initialised backbone instead")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--data", default=None)
+    p.add_argument("--feature", choices=["backbone", "projection"], default="backbone",
+                   help="backbone: [cls ; max] (2*dim); projection: the pre-training cls head (spec 5.6)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--out", default=None, help="write the result as JSON here")
 
     data = sub.add_parser("data", help="inspect and prepare datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="<data command>")

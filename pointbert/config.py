@@ -140,6 +140,7 @@ class OptimConfig:
     min_lr: float = 1e-6
     grad_clip: float = 10.0  # max L2 norm; 0 disables
     label_smoothing: float = 0.0  # official `--label_smoothing` uses 0.2 (spec 6.1)
+    schedule: str = "epoch"  # epoch: the official timm CosLR stepped per epoch (spec 1.7) | step: per-step
 
 
 @dataclass
@@ -154,6 +155,8 @@ class TrainConfig:
     vote_views: int = 10  # voting: views averaged (spec 6.3)
     vote_repeats: int = 9  # voting: repetitions, max reported (spec 6.3)
     sync_bn: bool = False
+    checkpoint_every: int = 200  # also save `last` every this many steps (0: at epoch ends only)
+    log_every: int = 10  # steps between metric-log lines
 
 
 @dataclass
@@ -486,6 +489,7 @@ def validate(cfg: Config) -> Config:
     need(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
     need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {o.grad_clip}")
     need(0 <= o.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
+    need(o.schedule in ("epoch", "step"), f"optim.schedule must be epoch or step, got {o.schedule!r}")
     need(cfg.train.epochs > 0, f"train.epochs must be positive, got {cfg.train.epochs}")
     need(cfg.train.precision in ("auto", "fp32", "bf16", "fp16"),
          f"train.precision must be auto, fp32, bf16 or fp16, got {cfg.train.precision!r}")
