@@ -30,9 +30,12 @@ __all__ = [
     "chamfer_l2",
 ]
 
-# Largest number of elements of one pairwise-distance block (B x rows x N) built by knn / chamfer.
-# 2**24 float32 elements = 64 MiB; results do not depend on it (tests shrink it to force chunking).
+# Largest number of elements of one pairwise-distance block (B x rows x N) built by knn / chamfer:
+# 2**24 float32 elements = 64 MiB. Results do not depend on it (tests shrink it to force chunking).
 _CHUNK_ELEMENTS = 2**24
+# A chunk keeps at least this many rows: CPU BLAS computes a (B, 1 or 2, 3) x (B, 3, N) product with
+# another kernel than the full matrix, whose float32 rounding differs in the last bit.
+_MIN_CHUNK_ROWS = 16
 
 _FPS_MAX_THREADS = 512  # MAX_THREADS in pointnet2_ops cuda_utils.h
 
@@ -141,9 +144,15 @@ def square_distance(src: Tensor, dst: Tensor) -> Tensor:
     return d
 
 
-def _row_chunk(bsz: int, cols: int) -> int:
-    """Rows per chunk so that one (B, rows, cols) block stays under ``_CHUNK_ELEMENTS``."""
-    return max(1, _CHUNK_ELEMENTS // max(1, bsz * cols))
+def _row_slices(total: int, bsz: int, cols: int) -> list[slice]:
+    """Split ``range(total)`` into near-equal slices whose (B, rows, cols) blocks fit ``_CHUNK_ELEMENTS``.
+
+    Every slice has at least ``_MIN_CHUNK_ROWS // 2`` rows unless ``total`` itself is smaller.
+    """
+    rows = max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // max(1, bsz * cols))
+    num = max(1, -(-total // rows))
+    bounds = [total * i // num for i in range(num + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def knn(query: Tensor, points: Tensor, k: int) -> Tensor:
@@ -163,10 +172,9 @@ def knn(query: Tensor, points: Tensor, k: int) -> Tensor:
     n = points.shape[1]
     if k < 1 or k > n:
         raise ValueError(f"a patch of {k} points needs at least {k} points per cloud, got {n}")
-    rows = _row_chunk(bsz, n)
     out = [
-        square_distance(query[:, i : i + rows], points).topk(k, dim=-1, largest=False, sorted=True).indices
-        for i in range(0, s, rows)
+        square_distance(query[:, rows], points).topk(k, dim=-1, largest=False, sorted=True).indices
+        for rows in _row_slices(s, bsz, n)
     ]
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
@@ -217,10 +225,10 @@ def interpolate_3nn(query: Tensor, points: Tensor, feats: Tensor) -> Tensor:
 
 def _exact_sqdist(a: Tensor, b: Tensor) -> Tensor:
     """Squared distance from exact differences, (..., C) x (..., C) broadcast -> (...)."""
-    diff = a - b
-    d = diff[..., 0] * diff[..., 0]
-    for c in range(1, diff.shape[-1]):
-        d = d + diff[..., c] * diff[..., c]
+    d = None
+    for ac, bc in zip(a.unbind(-1), b.unbind(-1)):  # per coordinate: no (..., C) difference tensor
+        t = ac - bc
+        d = t * t if d is None else d + t * t  # ((dx*dx + dy*dy) + dz*dz)
     return d
 
 
@@ -228,10 +236,9 @@ def _exact_sqdist(a: Tensor, b: Tensor) -> Tensor:
 def _nearest_both_ways(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
     """Index of the nearest q point for each p point (B, N) and of the nearest p for each q (B, M)."""
     bsz, m = q.shape[:2]
-    rows = _row_chunk(bsz, m * p.shape[-1])  # the (B, rows, M, C) difference block dominates
     best_q, best_d2, best_p = [], None, None
-    for i in range(0, p.shape[1], rows):
-        d = _exact_sqdist(p[:, i : i + rows, None, :], q[:, None, :, :])  # (B, rows, M)
+    for rows in _row_slices(p.shape[1], bsz, m):
+        d = _exact_sqdist(p[:, rows, None, :], q[:, None, :, :])  # (B, rows, M)
         best_q.append(d.argmin(dim=2))
         val, arg = d.min(dim=1)  # (B, M) nearest p within this chunk
         if best_d2 is None:
@@ -239,7 +246,7 @@ def _nearest_both_ways(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
         else:
             better = val < best_d2
             best_d2 = torch.where(better, val, best_d2)
-            best_p = torch.where(better, arg + i, best_p)
+            best_p = torch.where(better, arg + rows.start, best_p)
     return torch.cat(best_q, dim=1), best_p
 
 
