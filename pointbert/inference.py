@@ -1,0 +1,319 @@
+"""Inference with a trained or imported model: ``pointbert predict | tokenize | embed``.
+
+    INPUT (.npy (N,3+) or (B,N,3+), one point-cloud file, or a folder of them)
+      -> load_clouds: (B, N, 3) float32 + names   [optional --normalize; FPS from point 0 to num_points]
+      -> batches under torch.inference_mode(), model in eval mode
+      -> predict:  logits (B, num_classes) float32    (classifier; --vote V averages V random views)
+         tokenize: token ids (B, G) int64              (tokenizer, or pretrain: its own tokenizer)
+         embed:    features (B, 2*dim) float32         (pretrain or classifier backbone: [cls ; max])
+
+Everything is deterministic: FPS and kNN have no randomness, voting views come from ``seed``, and
+the results do not depend on the batch size (BatchNorm uses its running statistics).
+
+Tokens are computed in eval mode, i.e. the dVAE's BatchNorm uses its running statistics. The official
+pre-training computes its targets with the frozen dVAE in train mode (batch statistics, spec 11.8), so
+ids there can differ from these for the same cloud.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import config_of, load_model
+from .errors import DataError, PointBERTError
+
+Points = Union[np.ndarray, Tensor]
+FPS_CHUNK = 64  # clouds per batched FPS call
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the input
+# --------------------------------------------------------------------------------------------------
+
+
+Cloud = tuple[str, str, np.ndarray]  # (name printed with the results, source named in messages, (N, 3))
+
+
+def _read_input(path: Path) -> list[Cloud]:
+    """Every cloud in a file or a folder (its supported files, sorted by name); DataError naming the file."""
+    from .data.io import SUPPORTED_EXTENSIONS
+
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and p.suffix.lower() in SUPPORTED_EXTENSIONS)
+        if not files:
+            raise DataError(f"{path}: no point-cloud files in this folder "
+                            f"(expected {' '.join(SUPPORTED_EXTENSIONS)})")
+        return [cloud for f in files for cloud in _read_file(f)]
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    return _read_file(path)
+
+
+def _read_file(path: Path) -> list[Cloud]:
+    """A (B, N, C>=3) .npy gives B clouds named ``file[i]``; any other file one cloud via read_points."""
+    from .data.io import read_points
+
+    if path.suffix.lower() == ".npy":
+        try:
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception:  # noqa: BLE001 - read_points below names the problem
+            a = None
+        if isinstance(a, np.ndarray) and a.ndim == 3 and a.shape[0] > 1:
+            if a.dtype.kind not in "fiu":
+                raise DataError(f"{path}: array of dtype {a.dtype} is not numeric")
+            if a.shape[2] < 3:
+                raise DataError(f"{path}: has {a.shape[2]} columns (shape {a.shape}); "
+                                "need at least 3 (x, y, z)")
+            if a.shape[1] == 0:
+                raise DataError(f"{path}: no points (shape {a.shape})")
+            clouds = np.ascontiguousarray(a[:, :, :3], dtype=np.float32)
+            bad = ~np.isfinite(clouds).all(axis=(1, 2))
+            if bad.any():
+                raise DataError(f"{path}: {int(bad.sum())} of {len(clouds)} clouds contain non-finite values "
+                                f"(NaN or inf), the first is cloud {int(bad.argmax())}")
+            return [(f"{path.name}[{i}]", f"{path} (cloud {i})", c) for i, c in enumerate(clouds)]
+    return [(path.name, str(path), read_points(path))]
+
+
+def load_clouds(input: str | Path, num_points: int, normalize: bool = False, *, min_points: int = 1,
+                seed: int = 0, warn: Callable[[str], None] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Read ``input`` into one batch of equally sized clouds.
+
+    Args:
+        input: a .npy of shape (N, 3+) or (B, N, 3+) (columns after x, y, z are ignored), any one file
+            :func:`pointbert.data.io.read_points` reads, or a folder of such files (sorted by name).
+        num_points: points per cloud fed to the model. Larger clouds are reduced by farthest point
+            sampling from point 0 (deterministic).
+        normalize: centre each cloud and scale it into the unit sphere first (default: as given).
+        min_points: the fewest points a cloud may have (the model's max(num_patches, patch_size)):
+            fewer is a DataError.
+        seed: seed of the random repeats that fill up short clouds.
+        warn: called with one line per resampled cloud (default :func:`warnings.warn`).
+
+    Returns:
+        points (B, N, 3) float32 and the B cloud names. N = num_points, except when every cloud has the
+        same size n < num_points (n >= min_points): then the clouds are used as they are (N = n).
+        Clouds of mixed sizes below num_points are filled up by repeating random points, with a warning.
+    """
+    from .data.io import fit_points
+    from .data.io import normalize as unit_sphere
+
+    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
+    items = _read_input(Path(input))
+    names, sources, clouds = (list(t) for t in zip(*items))
+    for source, c in zip(sources, clouds):
+        if len(c) < min_points:
+            raise DataError(f"{source}: too few points ({len(c)}); the model needs at least {min_points}")
+    if normalize:
+        clouds = [unit_sphere(c, source=source) for source, c in zip(sources, clouds)]
+    sizes = {len(c) for c in clouds}
+    if len(sizes) == 1 and max(sizes) <= num_points:
+        return np.stack(clouds), names  # all the same size, none larger: as given
+    out = np.empty((len(clouds), num_points, 3), dtype=np.float32)
+    _fps_into(out, clouds, num_points)
+    rng = np.random.default_rng(seed)
+    for i, c in enumerate(clouds):
+        if len(c) < num_points:
+            out[i], msg = fit_points(c, num_points, rng=rng)
+            warn(f"{sources[i]}: {msg}")
+    return out, names
+
+
+def _fps_into(out: np.ndarray, clouds: list[np.ndarray], num_points: int) -> None:
+    """out[i] = clouds[i] if it has num_points points, FPS(clouds[i], num_points) from point 0 if more."""
+    from .ops import fps, gather
+
+    by_size: dict[int, list[int]] = {}
+    for i, c in enumerate(clouds):
+        if len(c) == num_points:
+            out[i] = c
+        elif len(c) > num_points:
+            by_size.setdefault(len(c), []).append(i)
+    for idx in by_size.values():
+        for j in range(0, len(idx), FPS_CHUNK):
+            part = idx[j: j + FPS_CHUNK]
+            x = torch.from_numpy(np.stack([clouds[i] for i in part]))  # (b, n, 3)
+            out[part] = gather(x, fps(x, num_points)).numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched model calls
+# --------------------------------------------------------------------------------------------------
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(fn: Callable[[Tensor, int], Tensor], points: Points, batch_size: int, desc: str) -> np.ndarray:
+    """Concatenate ``fn(batch (b, N, 3) float32 on the CPU, offset of its first cloud)`` over batches.
+
+    A progress bar (stderr) appears for three or more batches.
+    """
+    from tqdm import tqdm
+
+    points = torch.as_tensor(points, dtype=torch.float32, device="cpu")
+    if points.dim() != 3 or points.shape[-1] != 3:
+        raise DataError(f"points must have shape (B, N, 3), got {tuple(points.shape)}")
+    starts = range(0, len(points), batch_size)
+    bar = tqdm(starts, desc=desc, unit="batch", file=sys.stderr, leave=False, disable=len(starts) < 3)
+    return torch.cat([fn(points[s: s + batch_size], s).cpu() for s in bar]).numpy()
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, points: Points, *, batch_size: int = 32, vote: int = 0,
+            num_points: int | None = None, seed: int = 0) -> np.ndarray:
+    """Class logits (B, num_classes) float32 of a classifier in eval mode.
+
+    Args:
+        points: (B, N, 3). Without voting the clouds are fed as they are.
+        vote: V > 0 averages the logits of V random views per cloud (spec 6.3). ``points`` is then the
+            FPS pool (B, P, 3) of each cloud (``data.point_pool`` points, 1200 for 1024); each view is
+            one random subset of ``num_points`` pool indices (the same for every cloud, as in the
+            official batch), then a random scale-and-translate per cloud. Views come from ``seed``
+            alone (one generator per cloud), so the result does not depend on the batch size.
+        num_points: points per view (voting only; default and at most P).
+    """
+    model.eval()
+    device = _device_of(model)
+    if vote <= 0:
+        return _batches(lambda x, _: model(x.to(device)).float(), points, batch_size, "predict")
+    from .data.transforms import scale_translate
+
+    pool = torch.as_tensor(points).shape[1]
+    n = min(num_points or pool, pool)
+    rng = np.random.default_rng(seed)
+    subsets = [torch.from_numpy(rng.choice(pool, n, replace=False)) for _ in range(vote)]
+
+    def voted(x: Tensor, offset: int) -> Tensor:
+        views = []
+        for b in range(len(x)):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + offset + b)
+            views += [scale_translate(x[b: b + 1, s], gen) for s in subsets]  # V x (1, n, 3)
+        logits = model(torch.cat(views).to(device)).float()  # (b*V, C)
+        return logits.view(len(x), vote, -1).mean(dim=1)
+
+    return _batches(voted, points, max(1, batch_size // vote), "predict (vote)")
+
+
+@torch.inference_mode()
+def tokenize(model: nn.Module, points: Points, *, batch_size: int = 32) -> np.ndarray:
+    """Token ids (B, G) int64: argmax of the dVAE logits, BatchNorm with running statistics (eval mode).
+
+    ``model`` is a ``DiscreteVAE`` or a ``PointBERT`` (its frozen tokenizer is used).
+    """
+    tokenizer = getattr(model, "tokenizer", model).eval()
+    device = _device_of(tokenizer)
+    return _batches(lambda x, _: tokenizer.tokenize(x.to(device)), points, batch_size, "tokenize")
+
+
+@torch.inference_mode()
+def embed(model: nn.Module, points: Points, *, batch_size: int = 32) -> np.ndarray:
+    """Global features (B, 2*dim) float32: [cls ; max over patches] after the final LayerNorm, no masking.
+
+    ``model`` is a ``Classifier`` or a ``PointBERT`` (its query backbone) or a ``Backbone``.
+    """
+    backbone = getattr(model, "backbone", model).eval()
+    device = _device_of(backbone)
+    return _batches(lambda x, _: backbone(x.to(device)).float(), points, batch_size, "embed")
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------
+
+KINDS = {"predict": ("classifier",), "tokenize": ("tokenizer", "pretrain"),
+         "embed": ("pretrain", "classifier")}
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PointBERTError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PointBERTError(f"--device {name}: CUDA is not available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise PointBERTError(f"--device {name}: MPS is not available here")
+    return device
+
+
+def _setup(args: argparse.Namespace, command: str, pool: bool = False):
+    """(model, checkpoint dict, points (B, N, 3), names, points per view) for a command.
+
+    With ``pool`` (voting) the clouds are read at ``data.point_pool`` points: the FPS pool of the views.
+    """
+    for flag in ("batch_size", "num_points"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise PointBERTError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    model, ckpt = load_model(args.checkpoint, kinds=KINDS[command], device=_device(args.device))
+    cfg = config_of(ckpt, str(args.checkpoint))
+    num_points = args.num_points or cfg.data.num_points
+    need = max(cfg.patches.num_patches, cfg.patches.patch_size)
+    if num_points < need:
+        raise PointBERTError(f"--num-points {num_points}: the model groups {cfg.patches.num_patches} patches "
+                             f"of {cfg.patches.patch_size} points, it needs at least {need}")
+    read = max(num_points, cfg.data.point_pool) if pool else num_points
+    points, names = load_clouds(args.input, read, args.normalize, min_points=need,
+                                warn=lambda m: print(f"pointbert {command}: warning: {m}", file=sys.stderr))
+    return model, ckpt, points, names, num_points
+
+
+def _save(out: str, array: np.ndarray, what: str) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, array)
+    shown = path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
+    print(f"wrote {what} {tuple(array.shape)} {array.dtype} to {shown}")
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """``pointbert predict CKPT INPUT --out logits.npy [--vote V] [--top K] ...``."""
+    if args.vote < 0:
+        raise PointBERTError(f"--vote must be >= 0, got {args.vote}")
+    model, ckpt, points, names, num_points = _setup(args, "predict", pool=args.vote > 0)
+    logits = predict(model, points, batch_size=args.batch_size, vote=args.vote, num_points=num_points,
+                     seed=getattr(args, "seed", 0))
+    classes = ckpt.get("class_names") or []
+    if len(classes) != logits.shape[1]:
+        classes = [str(i) for i in range(logits.shape[1])]
+    probs = torch.from_numpy(logits).softmax(dim=1)
+    top = probs.topk(min(max(args.top, 1), probs.shape[1]), dim=1)
+    width = max(map(len, names))
+    for name, p, idx in zip(names, top.values.tolist(), top.indices.tolist()):
+        print(f"{name:<{width}}  " + "  ".join(f"{classes[i]} ({q:.3f})" for i, q in zip(idx, p)))
+    _save(args.out, logits, "logits")
+    return 0
+
+
+def tokenize_command(args: argparse.Namespace) -> int:
+    """``pointbert tokenize CKPT INPUT --out tokens.npy``: (B, G) int64 token ids."""
+    model, _, points, names, _ = _setup(args, "tokenize")
+    tokens = tokenize(model, points, batch_size=args.batch_size)
+    width = max(map(len, names))
+    for name, row in zip(names, tokens):
+        shown = " ".join(map(str, row[:8])) + (" ..." if len(row) > 8 else "")
+        print(f"{name:<{width}}  {len(np.unique(row))} distinct of {len(row)}: {shown}")
+    _save(args.out, tokens, "token ids")
+    return 0
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    """``pointbert embed CKPT INPUT --out features.npy``: (B, 2*dim) float32 features."""
+    model, _, points, names, _ = _setup(args, "embed")
+    features = embed(model, points, batch_size=args.batch_size)
+    for i, name in enumerate(names):
+        print(f"{i}  {name}")
+    _save(args.out, features, "features")
+    return 0
