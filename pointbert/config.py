@@ -40,6 +40,7 @@ class PatchConfig:
     num_patches: int = 64  # G, FPS centers (spec 3)
     patch_size: int = 32  # K, kNN neighbours per center (spec 3)
     embed_dim: int = 256  # mini-PointNet output channels, `encoder_dims` (spec 1.3)
+    hidden_dims: tuple[int, int, int] = (128, 256, 512)  # mini-PointNet: 3->h0->h1, max, 2*h1->h2->embed_dim
 
 
 @dataclass
@@ -61,6 +62,9 @@ class TokenizerConfig:
     token_dim: int = 256  # tokens_dims: codebook width
     decoder_dim: int = 256  # decoder_dims: dgcnn_2 output = folding decoder input
     dgcnn_k: int = 4  # kNN over centers in the DGCNNs (spec 4.1)
+    dgcnn_dims: tuple[int, ...] = (128, 256, 512, 512, 1024)  # input_trans, then EdgeConv layers 1-4
+    decoder_hidden: int = 1024  # coarse MLP width of the folding decoder
+    fold_hidden: int = 512  # per-point folding MLP width
     # Gumbel temperature: cosine from start to end over `temp_steps` iterations (spec 4.4)
     temp_start: float = 1.0
     temp_end: float = 0.0625
@@ -465,6 +469,10 @@ def validate(cfg: Config) -> Config:
     need(0 <= b.drop_path_rate < 1, f"backbone.drop_path_rate must be in [0, 1), got {b.drop_path_rate}")
     need(cfg.data.num_points >= p.patch_size,
          f"data.num_points ({cfg.data.num_points}) must be at least patches.patch_size ({p.patch_size})")
+    need(len(p.hidden_dims) == 3 and min(p.hidden_dims) > 0, "patches.hidden_dims must be 3 positive widths")
+    need(len(t.dgcnn_dims) >= 2 and min(t.dgcnn_dims) > 0,
+         "tokenizer.dgcnn_dims must list the input width and at least one EdgeConv width, all positive")
+    need(t.decoder_hidden > 0 and t.fold_hidden > 0, "tokenizer decoder widths must be positive")
     need(p.num_patches <= cfg.data.num_points,
          f"patches.num_patches ({p.num_patches}) must not exceed data.num_points ({cfg.data.num_points})")
     need(t.dgcnn_k <= p.num_patches,

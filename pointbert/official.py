@@ -296,8 +296,15 @@ def _trunk_sizes(s: _Shapes, p: str, num_heads: int | None) -> dict[str, Any]:
                                   f"{HEAD_WIDTH}; give --num-heads")
     return {"dim": dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": hidden / dim,
             "qkv_bias": p + "blocks.blocks.0.attn.qkv.bias" in s.state,
-            "pos_hidden": s(p + "pos_embed.0.weight", 0),
-            "embed_dim": s(p + "encoder.second_conv.3.weight", 0)}
+            "pos_hidden": s(p + "pos_embed.0.weight", 0), **_encoder_sizes(s, p)}
+
+
+def _encoder_sizes(s: _Shapes, p: str) -> dict[str, Any]:
+    """Mini-PointNet widths (spec 7.2 encoder table) under prefix ``p``."""
+    e = p + "encoder."
+    return {"embed_dim": s(e + "second_conv.3.weight", 0),
+            "hidden_dims": (s(e + "first_conv.0.weight", 0), s(e + "first_conv.3.weight", 0),
+                            s(e + "second_conv.0.weight", 0))}
 
 
 def _dvae_sizes(s: _Shapes, p: str) -> dict[str, Any]:
@@ -306,11 +313,21 @@ def _dvae_sizes(s: _Shapes, p: str) -> dict[str, Any]:
     coarse3 = s(p + "decoder.mlp.4.weight", 0)
     if coarse3 % 3:
         raise CheckpointError(f"{s.where}: decoder.mlp.4 has {coarse3} outputs, not 3 per coarse point")
-    sizes = {"vocab_size": vocab, "token_dim": token_dim, "decoder_dim": s(p + "dgcnn_2.layer5.0.weight", 0),
-             "embed_dim": s(p + "encoder.second_conv.3.weight", 0), "patch_size": 4 * coarse3 // 3}
+    edge = sorted(int(k[len(p):].split(".")[1][5:]) for k in s.state
+                  if k.startswith(p + "dgcnn_1.layer") and k.endswith(".0.weight"))
+    if not edge or edge != list(range(1, len(edge) + 1)):
+        raise CheckpointError(f"{s.where}: dgcnn_1 layers {edge} are not 1..n")
+    last = edge[-1]  # the output layer; the ones before it are EdgeConv layers
+    dgcnn_dims = (s(p + "dgcnn_1.input_trans.weight", 0),
+                  *(s(p + f"dgcnn_1.layer{i}.0.weight", 0) for i in range(1, last)))
+    sizes = {"vocab_size": vocab, "token_dim": token_dim,
+             "decoder_dim": s(p + f"dgcnn_2.layer{last}.0.weight", 0), **_encoder_sizes(s, p),
+             "patch_size": 4 * coarse3 // 3, "dgcnn_dims": dgcnn_dims,
+             "decoder_hidden": s(p + "decoder.mlp.0.weight", 0),
+             "fold_hidden": s(p + "decoder.final_conv.0.weight", 0)}
     widths = {"dgcnn_1 input": (s(p + "dgcnn_1.input_trans.weight", 1), sizes["embed_dim"]),
               "dgcnn_2 input": (s(p + "dgcnn_2.input_trans.weight", 1), token_dim),
-              "dgcnn_1 output": (s(p + "dgcnn_1.layer5.0.weight", 0), vocab),
+              "dgcnn_1 output": (s(p + f"dgcnn_1.layer{last}.0.weight", 0), vocab),
               "decoder input": (s(p + "decoder.mlp.0.weight", 1), sizes["decoder_dim"])}
     for what, (got, want) in widths.items():
         if got != want:
@@ -365,6 +382,7 @@ def infer_config(state: dict[str, Tensor], kind: str, *, num_points: int | None 
     if num_patches is not None:
         cfg.patches.num_patches = num_patches
     cfg.patches.patch_size, cfg.patches.embed_dim = sizes["patch_size"], sizes["embed_dim"]
+    cfg.patches.hidden_dims = sizes["hidden_dims"]
     b = cfg.backbone
     if "dim" in sizes:
         b.dim, b.depth, b.num_heads = sizes["dim"], sizes["depth"], sizes["num_heads"]
@@ -375,7 +393,8 @@ def infer_config(state: dict[str, Tensor], kind: str, *, num_points: int | None 
     t = cfg.tokenizer
     if "vocab_size" in sizes:
         t.vocab_size, t.token_dim = sizes["vocab_size"], sizes["token_dim"]
-        t.decoder_dim = sizes["decoder_dim"]
+        t.decoder_dim, t.dgcnn_dims = sizes["decoder_dim"], sizes["dgcnn_dims"]
+        t.decoder_hidden, t.fold_hidden = sizes["decoder_hidden"], sizes["fold_hidden"]
     if kind == "pretrain":
         cfg.mpm.proj_dim = sizes["proj_dim"]
         cfg.mpm.queue_size = sizes.get("queue_size", cfg.mpm.queue_size)

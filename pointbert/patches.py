@@ -40,24 +40,26 @@ class PatchEmbed(nn.Module):
     """Mini-PointNet applied to every patch independently (spec 1.3).
 
     per-point MLP 3 -> 128 -> 256, max-pool, concat [global ; per-point] (512), per-point MLP
-    512 -> 512 -> embed_dim, max-pool. The per-point MLPs are Linear layers over the flattened points
+    512 -> 512 -> embed_dim, max-pool (official widths; ``hidden_dims`` (128, 256, 512) changes them). The per-point MLPs are Linear layers over the flattened points
     (the official Conv1d(k=1) layers, same weights up to a trailing unit dimension); BatchNorm sees
     the same B*G*K samples either way.
     """
 
-    def __init__(self, embed_dim: int = 256):
+    def __init__(self, embed_dim: int = 256, hidden_dims: tuple[int, int, int] = (128, 256, 512)):
         super().__init__()
-        self.embed_dim = embed_dim
+        h0, h1, h2 = hidden_dims
+        self.embed_dim, self.local_dim = embed_dim, h1
         self.first_conv = nn.Sequential(
-            nn.Linear(3, 128), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Linear(128, 256))
+            nn.Linear(3, h0), nn.BatchNorm1d(h0), nn.ReLU(inplace=True), nn.Linear(h0, h1))
         self.second_conv = nn.Sequential(
-            nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Linear(512, embed_dim))
+            nn.Linear(2 * h1, h2), nn.BatchNorm1d(h2), nn.ReLU(inplace=True), nn.Linear(h2, embed_dim))
 
     def forward(self, neighborhoods: Tensor) -> Tensor:
         """neighborhoods (B, G, K, 3) -> embeddings (B, G, embed_dim)."""
         B, G, K, _ = neighborhoods.shape
-        f = self.first_conv(neighborhoods.reshape(B * G * K, 3)).view(B * G, K, 256)
-        g = f.amax(dim=1, keepdim=True)  # (B*G, 1, 256) patch-global feature
-        f = torch.cat([g.expand(-1, K, -1), f], dim=-1)  # (B*G, K, 512): global first, then local
-        f = self.second_conv(f.view(B * G * K, 512)).view(B * G, K, self.embed_dim)
+        h1 = self.local_dim
+        f = self.first_conv(neighborhoods.reshape(B * G * K, 3)).view(B * G, K, h1)
+        g = f.amax(dim=1, keepdim=True)  # (B*G, 1, h1) patch-global feature
+        f = torch.cat([g.expand(-1, K, -1), f], dim=-1)  # (B*G, K, 2*h1): global first, then local
+        f = self.second_conv(f.view(B * G * K, 2 * h1)).view(B * G, K, self.embed_dim)
         return f.amax(dim=1).view(B, G, self.embed_dim)

@@ -82,17 +82,17 @@ class DGCNN(nn.Module):
     GroupNorm and LeakyReLU also apply when the output is the token logits (spec 11.6).
     """
 
-    widths = (256, 512, 512, 1024)
-
-    def __init__(self, in_dim: int, out_dim: int, k: int = 4):
+    def __init__(self, in_dim: int, out_dim: int, k: int = 4,
+                 dims: tuple[int, ...] = (128, 256, 512, 512, 1024)):
         super().__init__()
         self.k = k
-        self.input_trans = nn.Linear(in_dim, 128)
-        c = 128
-        for i, w in enumerate(self.widths, start=1):
+        self.input_trans = nn.Linear(in_dim, dims[0])
+        c = dims[0]
+        self.edge_layers = len(dims) - 1
+        for i, w in enumerate(dims[1:], start=1):
             setattr(self, f"layer{i}", _conv_block(2 * c, w))
             c = w
-        self.layer5 = _conv_block(sum(self.widths), out_dim)
+        setattr(self, f"layer{len(dims)}", _conv_block(sum(dims[1:]), out_dim))
 
     def graph(self, centers: Tensor) -> Tensor:
         """centers (B, G, 3) -> (B, G, k) indices of each center's k nearest centers (self first)."""
@@ -104,10 +104,10 @@ class DGCNN(nn.Module):
         idx = self.graph(centers)  # (B, G, k)
         f = self.input_trans(f)  # (B, G, 128)
         levels = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            f = layer(edge_features(f, idx)).amax(dim=2)  # (B, G, k, 2C) -> (B, G, k, C') -> (B, G, C')
+        for i in range(1, self.edge_layers + 1):
+            f = getattr(self, f"layer{i}")(edge_features(f, idx)).amax(dim=2)  # (B,G,k,2C) -> (B,G,k,C') -> (B,G,C')
             levels.append(f)
-        return self.layer5(torch.cat(levels, dim=-1))  # (B, G, 2304) -> (B, G, C_out)
+        return getattr(self, f"layer{self.edge_layers + 1}")(torch.cat(levels, dim=-1))  # (B,G,2304) -> (B,G,C_out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,20 +127,20 @@ class FoldingDecoder(nn.Module):
 
     grid_size = 2
 
-    def __init__(self, in_dim: int, num_fine: int):
+    def __init__(self, in_dim: int, num_fine: int, hidden: int = 1024, fold_hidden: int = 512):
         super().__init__()
         folds = self.grid_size**2
         if num_fine % folds:
             raise ValueError(f"num_fine ({num_fine}) must be a multiple of {folds}")
         self.num_fine, self.num_coarse = num_fine, num_fine // folds
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, 1024), nn.ReLU(inplace=True),
-            nn.Linear(1024, 1024), nn.ReLU(inplace=True),
-            nn.Linear(1024, 3 * self.num_coarse))
+            nn.Linear(in_dim, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, 3 * self.num_coarse))
         self.final_conv = nn.Sequential(
-            nn.Linear(in_dim + 2 + 3, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-            nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
-            nn.Linear(512, 3))
+            nn.Linear(in_dim + 2 + 3, fold_hidden), nn.BatchNorm1d(fold_hidden), nn.ReLU(inplace=True),
+            nn.Linear(fold_hidden, fold_hidden), nn.BatchNorm1d(fold_hidden), nn.ReLU(inplace=True),
+            nn.Linear(fold_hidden, 3))
         grid = torch.linspace(-0.05, 0.05, self.grid_size)
         u = grid.repeat(self.grid_size)  # varies fastest
         v = grid.repeat_interleave(self.grid_size)
@@ -192,11 +192,12 @@ class DiscreteVAE(nn.Module):
         p, t = cfg.patches, cfg.tokenizer
         self.num_patches, self.patch_size = p.num_patches, p.patch_size
         self.vocab_size = t.vocab_size
-        self.patch_embed = PatchEmbed(p.embed_dim)
-        self.dgcnn_1 = DGCNN(p.embed_dim, t.vocab_size, k=t.dgcnn_k)
+        self.patch_embed = PatchEmbed(p.embed_dim, p.hidden_dims)
+        self.dgcnn_1 = DGCNN(p.embed_dim, t.vocab_size, k=t.dgcnn_k, dims=t.dgcnn_dims)
         self.codebook = nn.Parameter(torch.randn(t.vocab_size, t.token_dim))
-        self.dgcnn_2 = DGCNN(t.token_dim, t.decoder_dim, k=t.dgcnn_k)
-        self.decoder = FoldingDecoder(t.decoder_dim, num_fine=p.patch_size)
+        self.dgcnn_2 = DGCNN(t.token_dim, t.decoder_dim, k=t.dgcnn_k, dims=t.dgcnn_dims)
+        self.decoder = FoldingDecoder(t.decoder_dim, num_fine=p.patch_size, hidden=t.decoder_hidden,
+                                      fold_hidden=t.fold_hidden)
 
     def group(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """points (B, N, 3) -> neighborhoods (B, G, K, 3) local, centers (B, G, 3)."""

@@ -90,7 +90,7 @@ class Backbone(nn.Module):
         cfg = cfg or BackboneConfig()
         self.num_patches, self.patch_size = patches.num_patches, patches.patch_size
         self.dim = cfg.dim
-        self.patch_embed = PatchEmbed(patches.embed_dim)
+        self.patch_embed = PatchEmbed(patches.embed_dim, patches.hidden_dims)
         self.reduce_dim = nn.Linear(patches.embed_dim, cfg.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.cls_pos = nn.Parameter(torch.randn(1, 1, cfg.dim))
