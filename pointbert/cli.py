@@ -174,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import PointBERTError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # dotted overrides may come after the flags: `evaluate ckpt --vote train.vote_views=5`
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     name = args.command
     if name is None:
         parser.print_help()
@@ -189,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except PointBERTError as e:
         print(f"pointbert {name}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"pointbert {name}: interrupted", file=sys.stderr)
         return 130

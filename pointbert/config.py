@@ -311,6 +311,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                                                                      and value.is_integer())):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(value)
+    if isinstance(value, str) and tp in (int, float):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            value = float(value) if tp is float else int(value)
+        except ValueError:
+            pass
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")

@@ -92,7 +92,7 @@ def fps_subsample(points: Tensor, num_points: int, point_pool: int | None = None
         raise ValueError(f"cannot take {num_points} points from a pool of {min(pool, N)} "
                          f"(clouds of {N} points)")
     idx = fps(points, pool)  # (B, pool)
-    if generator is not None and num_points < pool:
+    if generator is not None:  # also a pure shuffle when num_points == pool, as np.random.choice is
         cols = torch.randperm(pool, generator=generator, device=generator.device)[:num_points]
         idx = idx[:, cols.to(idx.device)]
     return gather(points, idx)
