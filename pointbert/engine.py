@@ -662,7 +662,7 @@ def train_one_epoch(task: Task, model: nn.Module, loader: torch.utils.data.DataL
         from tqdm import tqdm
 
         bar = tqdm(total=ctx.steps_per_epoch, initial=state.batch_in_epoch, dynamic_ncols=True,
-                   desc=f"epoch {state.epoch}/{ctx.num_epochs - 1}", leave=True, file=sys.stdout)
+                   desc=f"epoch {state.epoch}/{ctx.num_epochs - 1}", leave=ctx.steps_per_epoch >= 10, file=sys.stdout)
     epoch_start, epoch_steps, lr, last_loss = time.perf_counter(), 0, 0.0, float("nan")
     batches = iter(loader)
     model.train()

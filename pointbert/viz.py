@@ -1,6 +1,7 @@
 """PNG renders (matplotlib, Agg backend: works headless).
 
 * :func:`plot_curves`: the training curves of a run folder's ``metrics.jsonl``.
+* :func:`render_panels`, :func:`patch_panels`: clouds, patches, masks, token ids, reconstructions.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["plot_curves"]
+__all__ = ["plot_curves", "render_panels", "patch_panels"]
 
 _SKIP = {"kind", "step", "epoch", "time", "lr", "samples_per_s"}
 
@@ -96,3 +97,83 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path) -> Path | None:
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)
     return png_path
+
+
+# --------------------------------------------------------------------------------------------------
+# Point-cloud pictures: clouds, patches, masks, tokens, reconstructions
+# --------------------------------------------------------------------------------------------------
+
+_PATCH_COLORS = "tab20"
+
+
+def _scatter(ax, pts, colors=None, size: float = 2.0, cmap=None, alpha: float = 1.0) -> None:
+    """3-D scatter of (N, 3) points with y up (ShapeNet/ModelNet convention), equal aspect."""
+    import numpy as np
+
+    pts = np.asarray(pts, dtype=np.float32)
+    # view: x right, z towards the viewer, y up
+    ax.scatter(pts[:, 0], pts[:, 2], pts[:, 1], c=colors if colors is not None else pts[:, 1],
+               s=size, cmap=cmap or "viridis", alpha=alpha, linewidths=0, depthshade=False)
+    lo, hi = pts.min(0), pts.max(0)
+    mid, half = (lo + hi) / 2, max(float((hi - lo).max()) / 2, 1e-6)
+    ax.set_xlim(mid[0] - half, mid[0] + half)
+    ax.set_ylim(mid[2] - half, mid[2] + half)
+    ax.set_zlim(mid[1] - half, mid[1] + half)
+    ax.view_init(elev=20, azim=-60)
+    ax.set_axis_off()
+
+
+def render_panels(panels: list[dict], png_path: str | Path, cols: int | None = None,
+                  title: str | None = None, panel_size: float = 3.0) -> Path:
+    """Write a grid of 3-D scatter panels to ``png_path``.
+
+    Each panel is a dict: ``points`` (N, 3), optional ``colors`` (N,) values or (N, 3/4) RGB(A),
+    ``cmap``, ``size``, ``title``, and ``overlay``: another (M, 3) set drawn on top in black
+    (e.g. patch centers).
+    """
+    from matplotlib.figure import Figure
+
+    n = len(panels)
+    cols = cols or min(n, 4)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(panel_size * cols, panel_size * rows + (0.4 if title else 0)))
+    for i, p in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1, projection="3d")
+        _scatter(ax, p["points"], p.get("colors"), p.get("size", 2.0), p.get("cmap"))
+        if p.get("overlay") is not None:
+            o = p["overlay"]
+            ax.scatter(o[:, 0], o[:, 2], o[:, 1], c="black", s=8, depthshade=False)
+        if p.get("title"):
+            ax.set_title(p["title"], fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    return png_path
+
+
+def patch_panels(neighborhoods, centers, mask=None, tokens=None, title: str = "") -> list[dict]:
+    """Panels for one cloud's patches: colored by patch, masked patches grey, and by token id.
+
+    neighborhoods (G, K, 3) local, centers (G, 3), mask (G,) bool, tokens (G,) int.
+    """
+    import numpy as np
+
+    nb = np.asarray(neighborhoods, dtype=np.float32)
+    c = np.asarray(centers, dtype=np.float32)
+    G, K, _ = nb.shape
+    pts = (nb + c[:, None]).reshape(-1, 3)
+    patch_id = np.repeat(np.arange(G), K)
+    panels = [{"points": pts, "colors": patch_id % 20, "cmap": _PATCH_COLORS, "overlay": c,
+               "title": f"{title}{G} patches of {K} points".strip()}]
+    if mask is not None:
+        m = np.repeat(np.asarray(mask, dtype=bool), K)
+        rgba = np.where(m[:, None], [0.8, 0.8, 0.8, 0.25], [0.12, 0.47, 0.71, 1.0])
+        panels.append({"points": pts, "colors": rgba, "title": f"masked {int(np.sum(mask))}/{G} (grey)"})
+    if tokens is not None:
+        t = np.repeat(np.asarray(tokens), K)
+        panels.append({"points": pts, "colors": t % 20, "cmap": _PATCH_COLORS,
+                       "title": f"token ids ({len(np.unique(tokens))} distinct)"})
+    return panels
