@@ -13,6 +13,7 @@ import sys
 
 # command -> "module:function"; the function takes the parsed args and returns an exit status.
 COMMANDS = {
+    "demo": "pointbert.demo:demo_command",
     "import": "pointbert.official:import_command",
     "predict": "pointbert.inference:predict_command",
     "tokenize": "pointbert.inference:tokenize_command",
@@ -68,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Point-BERT: point tokenizer, masked point modeling pre-training, fine-tuning and inference.")
     parser.add_argument("--version", action="version", version=f"pointbert {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
+
+    p = sub.add_parser("demo", help="the main job on built-in synthetic shapes: tokenizer, pre-training, then "
+                                    "pre-trained vs from-scratch with few labels; a report with pictures")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                   help="overrides applied to every stage's demo preset, e.g. backbone.depth=2")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); rerun to continue")
+    p.add_argument("--seeds", type=int, default=3, help="seeds (episodes, label subsets) per comparison")
+    p.add_argument("--train-size", type=int, default=1500, help="synthetic training shapes (unlabelled for "
+                                                                "pre-training)")
+    p.add_argument("--test-size", type=int, default=450)
+    p.add_argument("--way", type=int, default=5)
+    p.add_argument("--shot", type=int, default=10)
+    p.add_argument("--fewshot-epochs", type=int, default=30)
+    p.add_argument("--labels-per-class", type=int, default=10)
+    p.add_argument("--finetune-epochs", type=int, default=30)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("import", help="convert an official Point-BERT .pth (dVAE, pre-trained, fine-tuned, "
                                       "part segmentation) into a pointbert checkpoint")
