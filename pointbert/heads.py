@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import Config, HeadConfig
+from .data.official import SHAPENETPART_PARTS  # ShapeNetPart category -> part labels (spec 2.5)
 from .tokenizer import GroupNormLast, edge_features
 from .transformer import Backbone
 
@@ -281,16 +282,6 @@ class PartSegmenter(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Part segmentation metrics (spec 6.5)
 # --------------------------------------------------------------------------------------------------
-
-
-# ShapeNetPart (spec 2.5): category index (synsetoffset2category.txt order) -> its part labels.
-SHAPENETPART_CATEGORIES = ("Airplane", "Bag", "Cap", "Car", "Chair", "Earphone", "Guitar", "Knife", "Lamp",
-                           "Laptop", "Motorbike", "Mug", "Pistol", "Rocket", "Skateboard", "Table")
-SHAPENETPART_PARTS: dict[int, list[int]] = {
-    0: [0, 1, 2, 3], 1: [4, 5], 2: [6, 7], 3: [8, 9, 10, 11], 4: [12, 13, 14, 15], 5: [16, 17, 18],
-    6: [19, 20, 21], 7: [22, 23], 8: [24, 25, 26, 27], 9: [28, 29], 10: [30, 31, 32, 33, 34, 35],
-    11: [36, 37], 12: [38, 39, 40], 13: [41, 42, 43], 14: [44, 45, 46], 15: [47, 48, 49],
-}
 
 
 PartTable = Mapping[int, Sequence[int]] | Mapping[str, Sequence[int]]

@@ -9,9 +9,8 @@ from torch import nn
 
 from pointbert import ops
 from pointbert.config import Config, preset
+from pointbert.data.official import SHAPENETPART_CATEGORIES, SHAPENETPART_PARTS
 from pointbert.heads import (
-    SHAPENETPART_CATEGORIES,
-    SHAPENETPART_PARTS,
     ClassificationHead,
     Classifier,
     DGCNNPropagation,
@@ -435,10 +434,10 @@ def test_part_seg_metrics_table_by_name():
 
 def test_shapenetpart_table():
     assert len(SHAPENETPART_CATEGORIES) == len(SHAPENETPART_PARTS) == 16
-    assert [p for c in range(16) for p in SHAPENETPART_PARTS[c]] == list(range(50))
+    assert [p for parts in SHAPENETPART_PARTS.values() for p in parts] == list(range(50))
     named = dict(zip(SHAPENETPART_CATEGORIES, SHAPENETPART_PARTS.values()))
-    assert named["Airplane"] == [0, 1, 2, 3] and named["Motorbike"] == [30, 31, 32, 33, 34, 35]
-    assert named["Table"] == [47, 48, 49]
+    assert list(named["Airplane"]) == [0, 1, 2, 3] and list(named["Motorbike"]) == [30, 31, 32, 33, 34, 35]
+    assert list(named["Table"]) == [47, 48, 49]
     # Default table: a Table shape whose raw argmax is an airplane part is predicted as a table part.
     logits = torch.zeros(1, 2, 50)
     logits[0, :, 0] = 5.0

@@ -14,8 +14,8 @@ from torch import nn
 
 from pointbert.checkpoint import config_of, load_checkpoint
 from pointbert.cli import main
+from pointbert.data.official import SHAPENETPART_PARTS
 from pointbert.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_PARTS, generate_shape
-from pointbert.heads import SHAPENETPART_CATEGORIES, SHAPENETPART_PARTS
 
 QUIET = ["--quiet", "--epochs", "1", "--batch-size", "4"]
 
@@ -43,7 +43,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     for k, (name, cat) in enumerate({"airplane": "Airplane", "chair": "Chair", "mug": "Mug"}.items()):
         synset = f"0{k}000000"
         lines.append(f"{cat}\t{synset}")
-        ids = np.array(SHAPENETPART_PARTS[SHAPENETPART_CATEGORIES.index(cat)])
+        ids = np.array(SHAPENETPART_PARTS[cat])
         (sp / synset).mkdir(parents=True)
         for i in range(6):
             pts, parts = generate_shape(SYNTHETIC_CLASSES.index(name), 400, rng)
