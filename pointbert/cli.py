@@ -25,6 +25,7 @@ COMMANDS = {
     "fewshot": "pointbert.tasks.fewshot:fewshot_command",
     "partseg": "pointbert.tasks.partseg:partseg_command",
     "probe": "pointbert.tasks.probe:probe_command",
+    "render": "pointbert.viz:render_command",
     "data inspect": "pointbert.data.inspect:inspect_command",
     "data prepare": "pointbert.data.cache:prepare_command",
 }
@@ -166,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--out", default=None, help="write the result as JSON here")
+
+    p = sub.add_parser("render", help="a PNG of clouds with their patches, masks, token ids and reconstructions "
+                                      "(tokenizer / pre-training checkpoints) or predicted classes (classifiers)")
+    p.add_argument("checkpoint")
+    p.add_argument("input", help="a .npy (N,3) or (B,N,3), a point-cloud file, or a folder of them")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--num-points", type=int, default=None)
+    p.add_argument("--normalize", action="store_true")
+    p.add_argument("--max-clouds", type=int, default=4, help="render at most this many clouds (default 4)")
 
     data = sub.add_parser("data", help="inspect and prepare datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="<data command>")

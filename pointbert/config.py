@@ -265,16 +265,16 @@ def _tiny(kind: str) -> Config:
 def _demo(kind: str) -> Config:
     """The `pointbert demo` scale: the same method, narrower and shallower, for 2 CPU cores in minutes.
 
-    512 points in 32 patches of 32; mini-PointNet 64/128/256 -> 128; 4 blocks of width 192; a 512-token
+    512 points in 32 patches of 16; mini-PointNet 32/64/128 -> 128; 4 blocks of width 128; a 256-token
     dVAE. Iteration-based tokenizer schedules are shrunk to the run length in the same proportions as the
     official ones (temperature over ~half the run, KL weight after a 5% delay).
     """
     c = Config(kind=kind)
-    c.patches = PatchConfig(num_patches=32, patch_size=32, embed_dim=128, hidden_dims=(64, 128, 256))
-    c.backbone = BackboneConfig(dim=192, depth=4, num_heads=3, pos_hidden=64, drop_path_rate=0.1)
-    c.tokenizer = TokenizerConfig(vocab_size=512, token_dim=64, decoder_dim=64,
-                                  dgcnn_dims=(64, 64, 128, 128, 256), decoder_hidden=256, fold_hidden=128,
-                                  temp_steps=600, kl_delay=60, kl_steps=600)
+    c.patches = PatchConfig(num_patches=32, patch_size=16, embed_dim=128, hidden_dims=(32, 64, 128))
+    c.backbone = BackboneConfig(dim=128, depth=4, num_heads=4, pos_hidden=64, drop_path_rate=0.1)
+    c.tokenizer = TokenizerConfig(vocab_size=256, token_dim=64, decoder_dim=64,
+                                  dgcnn_dims=(32, 64, 64, 128, 128), decoder_hidden=128, fold_hidden=64,
+                                  temp_steps=350, kl_delay=35, kl_steps=350)
     c.mpm = MPMConfig(proj_dim=128, queue_size=1024)
     c.head = HeadConfig(num_classes=15, hidden=128)
     c.partseg = PartSegConfig(feature_blocks=(1, 2, 3), num_level1=256, num_level2=128, prop_hidden=256,
@@ -283,8 +283,9 @@ def _demo(kind: str) -> Config:
                         augment="none" if kind == "tokenizer" else "scale_translate",
                         probe_dataset="synthetic" if kind == "pretrain" else "")
     c.optim = OptimConfig(lr=1e-3, weight_decay=5e-4 if kind == "tokenizer" else 0.05, warmup_epochs=1,
-                          grad_clip=0.0 if kind != "classifier" else 10.0)
-    c.train = TrainConfig(epochs=10, batch_size=32, extra_epoch=False, eval_every=5)
+                          grad_clip=0.0 if kind != "classifier" else 10.0, schedule="step")
+    c.train = TrainConfig(epochs={"tokenizer": 15, "pretrain": 20}.get(kind, 30), batch_size=32,
+                          extra_epoch=False, eval_every=5)
     return c
 
 

@@ -236,7 +236,7 @@ def render_demo(out: Path, pretrained: Path, test: InMemory) -> list[str]:
     panels = []
     for b, i in enumerate(picks):
         name = test.classes[int(test.labels[i])]
-        panels += patch_panels(nb[b], centers[b], mask[b], ids[b], title=f"{name}: ")
+        panels += patch_panels(nb[b], centers[b], mask[b], ids[b], title=name)
         panels.append({"points": recon[b].numpy(), "title": "tokenizer reconstruction from the ids"})
     pictures.append(str(render_panels(panels, out / "patches_masks_tokens.png", cols=4,
                                       title="test shapes: patches, a block mask, token ids, reconstruction")))

@@ -111,9 +111,11 @@ def _scatter(ax, pts, colors=None, size: float = 2.0, cmap=None, alpha: float = 
     import numpy as np
 
     pts = np.asarray(pts, dtype=np.float32)
+    c = pts[:, 1] if colors is None else np.asarray(colors)
+    extra = {"cmap": cmap or "viridis"} if c.ndim == 1 else {}  # values through a colormap, or RGB(A)
     # view: x right, z towards the viewer, y up
-    ax.scatter(pts[:, 0], pts[:, 2], pts[:, 1], c=colors if colors is not None else pts[:, 1],
-               s=size, cmap=cmap or "viridis", alpha=alpha, linewidths=0, depthshade=False)
+    ax.scatter(pts[:, 0], pts[:, 2], pts[:, 1], c=c, s=size, alpha=alpha, linewidths=0, depthshade=False,
+               **extra)
     lo, hi = pts.min(0), pts.max(0)
     mid, half = (lo + hi) / 2, max(float((hi - lo).max()) / 2, 1e-6)
     ax.set_xlim(mid[0] - half, mid[0] + half)
@@ -144,7 +146,7 @@ def render_panels(panels: list[dict], png_path: str | Path, cols: int | None = N
             o = p["overlay"]
             ax.scatter(o[:, 0], o[:, 2], o[:, 1], c="black", s=8, depthshade=False)
         if p.get("title"):
-            ax.set_title(p["title"], fontsize=9)
+            ax.set_title(p["title"], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -163,11 +165,13 @@ def patch_panels(neighborhoods, centers, mask=None, tokens=None, title: str = ""
 
     nb = np.asarray(neighborhoods, dtype=np.float32)
     c = np.asarray(centers, dtype=np.float32)
+    mask = None if mask is None else np.asarray(mask, dtype=bool)
+    tokens = None if tokens is None else np.asarray(tokens)
     G, K, _ = nb.shape
     pts = (nb + c[:, None]).reshape(-1, 3)
     patch_id = np.repeat(np.arange(G), K)
     panels = [{"points": pts, "colors": patch_id % 20, "cmap": _PATCH_COLORS, "overlay": c,
-               "title": f"{title}{G} patches of {K} points".strip()}]
+               "title": f"{title}\n{G} patches of {K} points" if title else f"{G} patches of {K} points"}]
     if mask is not None:
         m = np.repeat(np.asarray(mask, dtype=bool), K)
         rgba = np.where(m[:, None], [0.8, 0.8, 0.8, 0.25], [0.12, 0.47, 0.71, 1.0])
@@ -177,3 +181,45 @@ def patch_panels(neighborhoods, centers, mask=None, tokens=None, title: str = ""
         panels.append({"points": pts, "colors": t % 20, "cmap": _PATCH_COLORS,
                        "title": f"token ids ({len(np.unique(tokens))} distinct)"})
     return panels
+
+
+def render_command(args) -> int:
+    """``pointbert render CKPT INPUT --out file.png``: each cloud with its patches and what the model makes
+    of them: token ids and the tokenizer's reconstruction (tokenizer / pre-training checkpoints, which
+    also show a block mask), or the predicted class (classifiers)."""
+    import torch
+
+    from .checkpoint import config_of, load_model
+    from .inference import load_clouds
+    from .mpm import block_mask
+
+    model, ckpt = load_model(args.checkpoint, ("tokenizer", "pretrain", "classifier"))
+    cfg = config_of(ckpt, args.checkpoint)
+    points, names = load_clouds(args.input, args.num_points or cfg.data.num_points, args.normalize)
+    points = torch.from_numpy(points[: args.max_clouds])
+    tokenizer = model if cfg.kind == "tokenizer" else getattr(model, "tokenizer", None)
+    panels: list[dict] = []
+    torch.manual_seed(0)
+    with torch.no_grad():
+        if tokenizer is not None:
+            nb, centers = tokenizer.group(points)
+            ids = tokenizer.tokenize_patches(nb, centers)
+            _, fine = tokenizer.decode(ids, centers)
+            recon = (fine + centers[:, :, None]).flatten(1, 2)
+            mask = block_mask(centers, cfg.mpm.mask_ratio) if cfg.kind == "pretrain" else None
+            for b, name in enumerate(names[: len(points)]):
+                panels += patch_panels(nb[b], centers[b], None if mask is None else mask[b], ids[b],
+                                       title=str(name))
+                panels.append({"points": recon[b].numpy(), "title": "reconstruction from the token ids"})
+        else:
+            nb, centers = model.backbone.group(points)
+            probs = model(points).softmax(-1)
+            classes = ckpt.get("class_names") or [str(i) for i in range(probs.shape[1])]
+            for b, name in enumerate(names[: len(points)]):
+                p, c = probs[b].max(0)
+                panels += patch_panels(nb[b], centers[b],
+                                       title=f"{name}: {classes[int(c)]} ({100 * float(p):.0f}%)")
+    cols = {"tokenizer": 3, "pretrain": 4, "classifier": min(4, len(panels))}[cfg.kind]
+    path = render_panels(panels, args.out, cols=cols, title=f"{Path(args.checkpoint).name} ({cfg.kind})")
+    print(f"wrote {path}")
+    return 0
