@@ -118,7 +118,8 @@ class PartSegConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # synthetic | shapenet55 | modelnet40 | modelnet10 | scanobjectnn | fewshot | shapenetpart | folder
+    # synthetic | shapenet55 | modelnet40 | modelnet10 | scanobjectnn | fewshot | shapenetpart | folder
+    dataset: str = "synthetic"
     path: str = ""
     variant: str = ""  # scanobjectnn: objectbg | objectonly | hardest
     num_points: int = 1024  # npoints fed to the model

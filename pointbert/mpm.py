@@ -26,7 +26,6 @@ from .config import Config
 from .tokenizer import DiscreteVAE
 from .transformer import Backbone, init_trunc_normal
 
-
 # --------------------------------------------------------------------------------------------------
 # Masks and mixing (no Python loop over the batch)
 # --------------------------------------------------------------------------------------------------

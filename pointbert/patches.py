@@ -40,10 +40,11 @@ class PatchEmbed(nn.Module):
     """Mini-PointNet applied to every patch independently (spec 1.3).
 
     per-point MLP 3 -> 128 -> 256, max-pool, concat [global ; per-point] (512), per-point MLP
-    512 -> 512 -> embed_dim, max-pool (official widths; ``hidden_dims`` (128, 256, 512) changes them). The per-point MLPs are Linear layers over the flattened points
-    (the official Conv1d(k=1) layers, same weights up to a trailing unit dimension); BatchNorm sees
-    the same B*G*K samples either way.
+    512 -> 512 -> embed_dim, max-pool (the official widths, ``hidden_dims`` = (128, 256, 512)). The
+    per-point MLPs are Linear layers over the flattened points (the official Conv1d(k=1) layers, same
+    weights up to a trailing unit dimension); BatchNorm sees the same B*G*K samples either way.
     """
+
 
     def __init__(self, embed_dim: int = 256, hidden_dims: tuple[int, int, int] = (128, 256, 512)):
         super().__init__()

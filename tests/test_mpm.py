@@ -7,8 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from pointbert.config import Config, preset
-from pointbert.mpm import (MaskedPointModel, PointBERT, block_mask, mix_contrastive_loss, mix_patches,
-                           moco_contrastive_loss, random_mask, random_replace)
+from pointbert.mpm import (
+    MaskedPointModel,
+    PointBERT,
+    block_mask,
+    mix_contrastive_loss,
+    mix_patches,
+    moco_contrastive_loss,
+    random_mask,
+    random_replace,
+)
 
 
 def test_block_mask_is_a_nearest_block_of_the_right_size():
