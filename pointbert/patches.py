@@ -45,7 +45,6 @@ class PatchEmbed(nn.Module):
     weights up to a trailing unit dimension); BatchNorm sees the same B*G*K samples either way.
     """
 
-
     def __init__(self, embed_dim: int = 256, hidden_dims: tuple[int, int, int] = (128, 256, 512)):
         super().__init__()
         h0, h1, h2 = hidden_dims
