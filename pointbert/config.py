@@ -523,10 +523,11 @@ def validate(cfg: Config) -> Config:
     need(m.temperature > 0, f"mpm.temperature must be positive, got {m.temperature}")
     need(0 <= cfg.head.dropout < 1, f"head.dropout must be in [0, 1), got {cfg.head.dropout}")
     ps = cfg.partseg
-    need(all(0 <= i < b.depth for i in ps.feature_blocks),
-         f"partseg.feature_blocks {list(ps.feature_blocks)} must index blocks 0..{b.depth - 1}")
-    need(ps.num_level2 <= ps.num_level1 <= cfg.data.num_points,
-         "partseg levels must satisfy num_level2 <= num_level1 <= data.num_points")
+    if cfg.kind == "partseg":  # the section is unused by the other models
+        need(all(0 <= i < b.depth for i in ps.feature_blocks),
+             f"partseg.feature_blocks {list(ps.feature_blocks)} must index blocks 0..{b.depth - 1}")
+        need(ps.num_level2 <= ps.num_level1 <= cfg.data.num_points,
+             "partseg levels must satisfy num_level2 <= num_level1 <= data.num_points")
     o = cfg.optim
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")

@@ -14,6 +14,7 @@ The scale is the ``demo-*`` presets (:func:`pointbert.config._demo`); overrides 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -97,10 +98,18 @@ def demo_command(args: Any) -> int:
     timings: dict[str, float] = {}
     device, quiet = args.device, args.quiet
 
-    def run(task, folder: str) -> dict[str, float]:
+    def run(task, folder: str, verbose: bool = True) -> dict[str, float]:
+        """One run folder; comparison runs print one line here and their log to <folder>/console.txt."""
         start = time.perf_counter()
         path = out / folder
-        result = fit(task, path, device=device, resume=(path / "last.pt").is_file(), quiet=quiet)
+        path.mkdir(parents=True, exist_ok=True)
+        resume = (path / "last.pt").is_file()
+        if verbose:
+            result = fit(task, path, device=device, resume=resume, quiet=quiet)
+        else:
+            with open(path / "console.txt", "a") as f, contextlib.redirect_stdout(f):
+                result = fit(task, path, device=device, resume=resume, quiet=True)
+            print(f"  {folder}: test accuracy {result['acc']:.1f} %", flush=True)
         timings[folder] = timings.get(folder, 0.0) + time.perf_counter() - start
         return result
 
@@ -156,20 +165,21 @@ def demo_command(args: Any) -> int:
                                 for c in ep.classes])
         query = EpisodeDataset(test, q_idx, ep.classes)
         few = validate(apply_overrides(cls_cfg, [f"train.seed={s}", f"train.epochs={args.fewshot_epochs}",
-                                                 "train.eval_every=5", "train.batch_size=10"]))
+                                                 "train.eval_every=5", f"train.batch_size={min(10, len(support))}"]))
         for arm, init in (("pre-trained", str(pretrained)), ("scratch", None)):
             task = ClassificationTask(few, init=init, scratch=init is None, train_data=support, test_data=query,
                                       resume=(out / f"fewshot_{arm}_{s}" / "last.pt").is_file())
-            r = run(task, f"fewshot_{arm}_{s}")
+            r = run(task, f"fewshot_{arm}_{s}", verbose=False)
             record(f"few-shot {args.way}-way {args.shot}-shot", arm, r["acc"])
 
         subset = InMemory(train, per_class_subset(train.labels, args.labels_per_class, seed=s))
         low = validate(apply_overrides(cls_cfg, [f"train.seed={s}", f"train.epochs={args.finetune_epochs}",
-                                                 "train.eval_every=10"]))
+                                                 "train.eval_every=10",
+                                                 f"train.batch_size={min(cls_cfg.train.batch_size, len(subset))}"]))
         for arm, init in (("pre-trained", str(pretrained)), ("scratch", None)):
             task = ClassificationTask(low, init=init, scratch=init is None, train_data=subset, test_data=test,
                                       resume=(out / f"lowlabel_{arm}_{s}" / "last.pt").is_file())
-            r = run(task, f"lowlabel_{arm}_{s}")
+            r = run(task, f"lowlabel_{arm}_{s}", verbose=False)
             record(f"fine-tune, {args.labels_per_class} labels per class", arm, r["acc"])
 
     # ---- 4. report -------------------------------------------------------------------------------
