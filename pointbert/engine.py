@@ -587,6 +587,9 @@ def fit(task: Task, out: str | Path, *, device: str | torch.device | None = None
 
     state = _State()
     if resume:
+        if ctx.is_main:  # a kill during a checkpoint write leaves its temporary file behind
+            for tmp in out.glob(".*.pt.*.tmp"):
+                tmp.unlink(missing_ok=True)
         state = _restore(last_path, task, model, optimizer, scaler, ctx)
         if state.epoch >= ctx.num_epochs:
             ctx.log(f"{out}: this run already finished ({ctx.num_epochs} epochs); nothing to do")
