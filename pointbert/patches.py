@@ -37,6 +37,11 @@ def group(points: Tensor, num_patches: int, patch_size: int) -> tuple[Tensor, Te
     return neighborhoods, centers
 
 
+def _foldable(norm: nn.Module) -> bool:
+    """An affine BatchNorm with running statistics (not, e.g., a layer swapped for ``nn.Identity``)."""
+    return getattr(norm, "running_var", None) is not None and getattr(norm, "weight", None) is not None
+
+
 class PatchEmbed(nn.Module):
     """Mini-PointNet applied to every patch independently (spec 1.3).
 
@@ -87,7 +92,7 @@ class PatchEmbed(nn.Module):
         """neighborhoods (B, G, K, 3) -> embeddings (B, G, embed_dim)."""
         B, G, K, _ = neighborhoods.shape
         bn0, bn2 = self.first_conv[1], self.second_conv[1]
-        fold = self.fold_bn and not self.training and bn0.running_var is not None and bn2.running_var is not None
+        fold = self.fold_bn and not self.training and _foldable(bn0) and _foldable(bn2)
         x = neighborhoods.reshape(B * G, K, 3)
         chunk = self.chunk_patches if fold and x.device.type == "cpu" else 0  # folded: a map per patch
         if chunk and B * G > chunk:

@@ -46,7 +46,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, L, C = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, L, head_dim)
+        q, k, v = qkv.unbind(0)  # backward stacks the 3 gradients (qkv[i] would zero-fill a full-size one each)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, head_dim)
         return self.proj(x.transpose(1, 2).reshape(B, L, C))
 
 

@@ -128,6 +128,19 @@ def test_patch_embed_eval_matches_plain(flags):
         close(ours(nb), ref(nb), 1e-5)
 
 
+def test_patch_embed_without_batchnorm_or_running_stats():
+    """Layers swapped for identities, or BatchNorm without running statistics, are used as they are."""
+    torch.manual_seed(3)
+    nb = torch.randn(2, 6, 8, 3)
+    for norm in (lambda c: nn.Identity(), lambda c: nn.BatchNorm1d(c, track_running_stats=False)):
+        ours = PatchEmbed(32, (16, 24, 40))
+        ref = plain.load_ours(plain.PatchEmbed(32, (16, 24, 40)), ours)
+        for m in (ours, ref):
+            m.first_conv[1], m.second_conv[1] = norm(16), norm(40)
+        ours.chunk_patches = 5
+        close(ours.eval()(nb), ref.eval()(nb), 1e-5)
+
+
 def test_chunking_only_in_eval_and_only_with_folding():
     """Chunks are exact only when BatchNorm uses running statistics (eval + folding)."""
     torch.manual_seed(2)

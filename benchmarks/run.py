@@ -1,0 +1,543 @@
+"""Speed benchmark: pointbert against a plain, official-style implementation, measured in one run.
+
+    python benchmarks/run.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--batch 32]
+                             [--threads N] [--out results.json] [--sections ops,steps,fastpaths,scaling]
+                             [--no-plain] [--compile] [--allocator default|keep|thp]
+
+Sections (benchmarks/README.md explains every number):
+
+1. the machine, library versions and threads; a plain matmul (2048^3) as the throughput reference;
+2. ``ops``: FPS, kNN and Chamfer alone, pointbert.ops vs the plain stand-ins;
+3. ``steps``: tokenizer (dVAE) step, pre-training step, fine-tuning step and classification inference
+   for the full-size presets: samples/s (median, min, max over repeats run alternately for both
+   implementations), model GFLOP/s and its share of the matmul, peak memory, and ours / plain;
+4. ``fastpaths``: the fine-tuning step and inference with each of pointbert's fast paths switched off,
+   plus options that are not defaults (fused AdamW, ``torch.compile`` with ``--compile``);
+5. ``scaling``: fine-tuning step and inference at 1k/2k/4k/8k points with 64/128/256/512 patches.
+
+``--quick`` (under 2 minutes on 2 cores): batch 8 unless ``--batch`` is given, 1 warm-up and 2 repeats,
+no 8k cases, step memory only for fine-tuning and inference. The whole output also goes to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {"finetune": 1.4, "inference": 1.3, "tokenizer": 2.0, "pretrain": 1.5}  # ours / plain, issue 6
+MATMUL_SHARE_TARGET = 0.75  # fine-tuning step model GFLOP/s / matmul GFLOP/s
+CASE_PRESET = {"tokenizer": "tokenizer", "pretrain": "pretrain", "finetune": "modelnet40-1k",
+               "inference": "modelnet40-1k"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="batch 8, 1 warm-up, 2 repeats, no 8k cases")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
+    ap.add_argument("--batch", type=int, default=None, help="clouds per step (default 32; 8 with --quick)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per case (default 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 5; 2 with --quick)")
+    ap.add_argument("--sections", default="ops,steps,fastpaths,scaling")
+    ap.add_argument("--steps", default="tokenizer,pretrain,finetune,inference", help="cases of the steps section")
+    ap.add_argument("--scaling-batch", type=int, default=None, help="batch of the scaling table (default --batch)")
+    ap.add_argument("--no-plain", action="store_true", help="time pointbert only")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile variants to the fastpaths section")
+    ap.add_argument("--allocator", default="default", choices=["default", "keep", "thp"],
+                    help="CPU memory: keep = glibc keeps freed memory (no mmap, no trim); "
+                         "thp = torch's THP_MEM_ALLOC_ENABLE (huge pages for large tensors)")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = ap.parse_args(argv)
+    args.batch = args.batch or (8 if args.quick else 32)
+    args.scaling_batch = args.scaling_batch or args.batch
+    args.warmup = 1 if args.warmup is None else args.warmup
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    return args
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.allocator == "thp":
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read by torch's CPU allocator at its first allocation
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from benchmarks import flops, plain  # noqa: E402
+from pointbert import ops  # noqa: E402
+from pointbert.config import Config, preset  # noqa: E402
+from pointbert.engine import build_optimizer, param_groups  # noqa: E402
+from pointbert.heads import Classifier  # noqa: E402
+from pointbert.mpm import PointBERT  # noqa: E402
+from pointbert.patches import PatchEmbed  # noqa: E402
+from pointbert.tokenizer import DiscreteVAE  # noqa: E402
+from pointbert.transformer import Block  # noqa: E402
+
+# --------------------------------------------------------------------------------------------------
+# Machine, timing, memory
+# --------------------------------------------------------------------------------------------------
+
+
+def machine(dev: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or "?"
+    with contextlib.suppress(OSError, StopIteration):
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "platform": f"{platform.system()} {platform.release()}", "device": str(dev)}
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def synchronizer(dev: torch.device) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+
+def interleaved(runs: dict[str, Callable[[], Any]], repeats: int, sync: Callable[[], None]) -> dict[str, list[float]]:
+    """Seconds per call of each run; the runs alternate within every repeat, in reversed order every
+    other repeat, so drift in the machine's load and order effects hit all of them alike."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    order = list(runs)
+    for r in range(repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
+            sync()
+            t0 = time.perf_counter()
+            runs[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def rate_stats(seconds: list[float], samples: int) -> dict[str, float]:
+    """samples/s: median, min, max over the repeats, and the median seconds per call."""
+    rates = [samples / s for s in seconds]
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
+            "seconds": statistics.median(seconds), "repeats": len(seconds)}
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+class PeakMemory:
+    """Peak memory of what runs inside the block, over what was held when it started, in MiB.
+
+    CPU: peak resident set size (VmHWM after resetting it through /proc/self/clear_refs) minus the
+    resident size at the start, after returning freed heap memory to the OS (malloc_trim). CUDA:
+    ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at the start. ``mib`` is None where
+    the platform offers neither.
+    """
+
+    def __init__(self, dev: torch.device):
+        self.dev, self.mib = dev, None
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            self.base = torch.cuda.memory_allocated(self.dev)
+            return self
+        self.base = None
+        with contextlib.suppress(OSError, AttributeError, StopIteration):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS to the current RSS (Linux >= 4.0)
+            self.base = _proc_status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+            self.mib = (torch.cuda.max_memory_allocated(self.dev) - self.base) / 2**20
+        elif self.base is not None:
+            self.mib = (_proc_status_kib("VmHWM") - self.base) / 1024
+
+
+def keep_freed_memory() -> None:
+    """glibc: serve every allocation from the heap and never trim it, so large tensors reuse pages
+    instead of being mapped and zero-filled by the kernel afresh (a process-wide setting)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-4, 0)  # M_MMAP_MAX
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+
+
+def matmul_gflops(dev: torch.device, dtype: torch.dtype, repeats: int, n: int = 2048) -> float:
+    """Median GFLOP/s of an n x n x n matrix product."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dev, dtype) for _ in range(2))
+    t = interleaved({"mm": lambda: a @ b}, repeats + 1, synchronizer(dev))["mm"][1:]
+    return 2 * n**3 / statistics.median(t) / 1e9
+
+
+# --------------------------------------------------------------------------------------------------
+# Model steps
+# --------------------------------------------------------------------------------------------------
+
+OURS = {"tokenizer": DiscreteVAE, "pretrain": PointBERT, "finetune": Classifier, "inference": Classifier}
+PLAIN_KIND = {"tokenizer": "tokenizer", "pretrain": "pretrain", "finetune": "classifier", "inference": "classifier"}
+
+
+def autocast(dev: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_step(case: str, model: nn.Module, cfg: Config, batch: int, dev: torch.device, precision: str,
+              optimizer: torch.optim.Optimizer | None = None) -> Callable[[], None]:
+    """One benchmark step of ``case`` on fixed random clouds (B, N, 3) in [-1, 1]^3."""
+    g = torch.Generator().manual_seed(1)
+    pts = (torch.rand(batch, cfg.data.num_points, 3, generator=g) * 2 - 1).to(dev)
+    if case == "inference":
+        model.eval()
+
+        def infer() -> None:
+            with torch.no_grad(), autocast(dev, precision):
+                model(pts)
+        return infer
+
+    model.train()
+    labels = torch.randint(cfg.head.num_classes, (batch,), generator=g).to(dev)
+    opt = optimizer or build_optimizer(model, cfg.optim)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss() -> torch.Tensor:
+        if case == "finetune":
+            return F.cross_entropy(model(pts), labels)
+        if case == "tokenizer":
+            recon, kl = model.loss(model(pts, temperature=1.0))
+            return recon + 0.1 * kl
+        out = model(pts)  # pretrain: pointbert returns a PretrainOutput, plain the loss
+        return getattr(out, "loss", out)
+
+    def train() -> None:
+        with autocast(dev, precision):
+            value = loss()
+        value.backward()
+        if case == "finetune":
+            nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return train
+
+
+def build_pair(case: str, cfg: Config, batch: int, args: argparse.Namespace, dev: torch.device, with_plain: bool,
+               step_memory: bool = True) -> tuple[dict[str, nn.Module], dict[str, Callable[[], None]], dict]:
+    """Build ours (seed 0) and its plain twin with the same weights and warm both up.
+
+    Memory (MiB, per implementation): ``footprint`` = building the model and optimiser plus the
+    warm-up steps (weights, gradients, AdamW state, activations); ``step`` = one more step once both
+    are warm (activations, temporaries and gradients over the steady state: one-time allocations of
+    the libraries do not count against whichever implementation happens to run first)."""
+    models, runs, memory = {}, {}, {"footprint": {}, "step": {}}
+    for impl in ("ours", "plain") if with_plain else ("ours",):
+        with PeakMemory(dev) as mem:
+            if impl == "ours":
+                torch.manual_seed(0)
+                model = OURS[case](cfg).to(dev)
+            else:
+                model = plain.load_ours(plain.build(PLAIN_KIND[case], cfg), models["ours"]).to(dev)
+            run = make_step(case, model, cfg, batch, dev, args.precision)
+            for _ in range(max(1, args.warmup)):
+                run()
+            synchronizer(dev)()
+        models[impl], runs[impl], memory["footprint"][impl] = model, run, mem.mib
+    for impl, run in runs.items() if step_memory else ():
+        with PeakMemory(dev) as mem:
+            run()
+            synchronizer(dev)()
+        memory["step"][impl] = mem.mib
+    return models, runs, memory
+
+
+def step_row(case: str, cfg: Config, times: list[float], batch: int, matmul: float) -> dict[str, Any]:
+    st = rate_stats(times, batch)
+    gflop = flops.step(cfg, case) / 1e9
+    st.update(model_gflop_per_cloud=gflop, gflops=gflop * st["median"], matmul_share=gflop * st["median"] / matmul)
+    return st
+
+
+def run_steps(args: argparse.Namespace, dev: torch.device, matmul: float) -> dict[str, Any]:
+    out = {}
+    for case in args.steps.split(","):
+        cfg = preset(CASE_PRESET[case])
+        t0 = time.perf_counter()
+        step_memory = not args.quick or case in ("finetune", "inference")  # --quick: the memory target's cases
+        models, runs, memory = build_pair(case, cfg, args.batch, args, dev, not args.no_plain, step_memory)
+        times = interleaved(runs, args.repeats, synchronizer(dev))
+        res = {impl: dict(step_row(case, cfg, times[impl], args.batch, matmul), step_mib=memory["step"].get(impl),
+                          footprint_mib=memory["footprint"][impl]) for impl in runs}
+        if "plain" in res:
+            res["ratio"] = res["ours"]["median"] / res["plain"]["median"]
+            res["ratio_min_max"] = [min(tp / to for tp, to in zip(times["plain"], times["ours"])),
+                                    max(tp / to for tp, to in zip(times["plain"], times["ours"]))]
+        res["wall_s"] = time.perf_counter() - t0
+        out[case] = res
+        print_step(case, res)
+        del models, runs
+        gc.collect()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Ops alone
+# --------------------------------------------------------------------------------------------------
+
+
+def run_ops(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    B = args.batch
+    x1k = (torch.rand(B, 1024, 3, generator=g) * 2 - 1).to(dev)
+    x8k = (torch.rand(B, 8192, 3, generator=g) * 2 - 1).to(dev)
+    centers = ops.gather(x1k, ops.fps(x1k, 64))
+    pred = (torch.rand(2048, 32, 3, generator=g) * 0.2 - 0.1).to(dev).requires_grad_()
+    gt = (torch.rand(2048, 32, 3, generator=g) * 0.2 - 0.1).to(dev)
+
+    def chamfer(fn: Callable) -> Callable[[], None]:
+        def run() -> None:
+            pred.grad = None
+            fn(pred, gt).backward()
+        return run
+
+    cases = [(f"fps {m} of 1024", B, lambda m=m: ops.fps(x1k, m), lambda m=m: plain.fps(x1k, m))
+             for m in (64, 128, 512)]
+    if not args.quick:
+        cases.append(("fps 512 of 8192", B, lambda: ops.fps(x8k, 512), lambda: plain.fps(x8k, 512)))
+    cases += [("knn 64x32 of 1024", B, lambda: ops.knn(centers, x1k, 32), lambda: plain.knn_point(32, x1k, centers)),
+              ("chamfer-L1 2048x32 fwd+bwd", 2048, chamfer(ops.chamfer_l1), chamfer(plain.chamfer_l1))]
+    out = {}
+    repeats = 3 if args.quick else 10
+    for name, samples, ours, base in cases:
+        runs = {"ours": ours} if args.no_plain else {"ours": ours, "plain": base}
+        interleaved(runs, 1, synchronizer(dev))  # warm-up
+        times = interleaved(runs, repeats, synchronizer(dev))
+        res = {impl: rate_stats(t, samples) for impl, t in times.items()}
+        if "plain" in res:
+            res["ratio"] = res["ours"]["median"] / res["plain"]["median"]
+        out[name] = res
+    print_table("ops alone (samples/s: clouds, or patches for Chamfer)", ["op", "ours ms", "ours/s", "plain ms",
+                                                                             "plain/s", "ours/plain"],
+                [[n, r["ours"]["seconds"] * 1e3, r["ours"]["median"], _get(r, "plain", "seconds", 1e3),
+                  _get(r, "plain", "median"), r.get("ratio")] for n, r in out.items()])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Fast paths on and off
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def patch_embed_flags(model: nn.Module, **flags: Any):
+    """Set PatchEmbed fast-path attributes on every instance in ``model`` for the duration of the block."""
+    embeds = [m for m in model.modules() if isinstance(m, PatchEmbed)]
+    for m in embeds:
+        for k, v in flags.items():
+            setattr(m, k, v)
+    try:
+        yield
+    finally:
+        for m in embeds:
+            for k in flags:
+                delattr(m, k)  # back to the class default
+
+
+def run_fastpaths(args: argparse.Namespace, dev: torch.device, matmul: float) -> dict[str, Any]:
+    out = {}
+    variants = {
+        "finetune": {"split_global off": dict(split_global=False)},  # fold_bn / chunk_patches: eval only
+        "inference": {"split_global off": dict(split_global=False), "fold_bn off": dict(fold_bn=False),
+                      "chunk_patches off": dict(chunk_patches=0),
+                      "all fast paths off": dict(split_global=False, fold_bn=False, chunk_patches=0)},
+    }
+    for case, flag_sets in variants.items():
+        cfg = preset(CASE_PRESET[case])
+        models, runs, _ = build_pair(case, cfg, args.batch, args, dev, with_plain=False, step_memory=False)
+        model, default = models["ours"], runs["ours"]
+        runs = {"ours (defaults)": default}
+        for name, flags in flag_sets.items():
+            runs[name] = lambda flags=flags, model=model, default=default: _with_flags(model, flags, default)
+        if case == "finetune":
+            fused = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, fused=True)
+            runs["fused AdamW (option)"] = make_step(case, model, cfg, args.batch, dev, args.precision, fused)
+        if args.compile:  # the per-patch and per-token modules; grouping (FPS loop, kNN) stays eager
+            t0 = time.perf_counter()
+            compiled = copy.deepcopy(model)
+            for m in compiled.modules():
+                if isinstance(m, (PatchEmbed, Block)):
+                    m.compile()
+            runs["torch.compile (option)"] = make_step(case, compiled, cfg, args.batch, dev, args.precision)
+            runs["torch.compile (option)"]()
+            print(f"  torch.compile warm-up ({case}): {time.perf_counter() - t0:.0f} s")
+        interleaved({k: v for k, v in runs.items() if k != "ours (defaults)"}, 1, synchronizer(dev))  # warm-up
+        times = interleaved(runs, args.repeats, synchronizer(dev))
+        base = statistics.median(times["ours (defaults)"])
+        res = {name: dict(rate_stats(t, args.batch), vs_defaults=base / statistics.median(t))
+               for name, t in times.items()}
+        out[case] = res
+        print_table(f"fast paths: {case} (batch {args.batch})", ["variant", "samples/s", "min", "max", "vs defaults"],
+                    [[n, r["median"], r["min"], r["max"], r["vs_defaults"]] for n, r in res.items()])
+        del models, runs
+        gc.collect()
+    return out
+
+
+def _with_flags(model: nn.Module, flags: dict[str, Any], run: Callable[[], None]) -> None:
+    with patch_embed_flags(model, **flags):
+        run()
+
+
+# --------------------------------------------------------------------------------------------------
+# Scaling with the number of points
+# --------------------------------------------------------------------------------------------------
+
+
+def run_scaling(args: argparse.Namespace, dev: torch.device, matmul: float) -> dict[str, Any]:
+    out, rows = {}, []
+    names = ["modelnet40-1k", "modelnet40-2k", "modelnet40-4k"] + ([] if args.quick else ["modelnet40-8k"])
+    repeats = 1 if args.quick else max(2, args.repeats // 2)
+    for name in names:
+        cfg = preset(name)
+        for case in ("finetune", "inference"):
+            _, runs, memory = build_pair(case, cfg, args.scaling_batch, args, dev, with_plain=False, step_memory=False)
+            res = step_row(case, cfg, interleaved(runs, repeats, synchronizer(dev))["ours"], args.scaling_batch,
+                           matmul)
+            res["footprint_mib"] = memory["footprint"]["ours"]
+            out[f"{name} {case}"] = res
+            first = out[f"modelnet40-1k {case}"]
+            rows.append([f"{cfg.data.num_points} pts / {cfg.patches.num_patches} patches", case, res["median"],
+                         res["gflops"], f"{res['matmul_share']:.0%}",
+                         res["model_gflop_per_cloud"] / first["model_gflop_per_cloud"],
+                         res["seconds"] / first["seconds"], res["footprint_mib"]])
+            del runs
+            gc.collect()
+    print_table(f"scaling (pointbert, batch {args.scaling_batch})",
+                ["points / patches", "case", "samples/s", "GFLOP/s", "of matmul", "work x", "time x", "footprint MiB"],
+                rows)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Printing
+# --------------------------------------------------------------------------------------------------
+
+
+def _get(res: dict, impl: str, key: str, scale: float = 1.0) -> float | None:
+    return res[impl][key] * scale if impl in res else None
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [headers] + [[_fmt(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    print(f"\n{title}")
+    for j, r in enumerate(cells):
+        print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+def print_step(case: str, res: dict[str, Any]) -> None:
+    rows = []
+    for impl in ("ours", "plain"):
+        if impl in res:
+            r = res[impl]
+            rows.append([impl, r["median"], r["min"], r["max"], r["gflops"], f"{r['matmul_share']:.0%}",
+                         r["step_mib"], r["footprint_mib"]])
+    ratio = ""
+    if "ratio" in res:
+        lo, hi = res["ratio_min_max"]
+        ratio = f"; ours/plain {res['ratio']:.2f}x (per repeat {lo:.2f}-{hi:.2f})"
+    print_table(f"{case} step: {res['ours']['model_gflop_per_cloud']:.2f} model GFLOP per cloud{ratio}",
+                ["impl", "samples/s", "min", "max", "GFLOP/s", "of matmul", "step MiB", "footprint MiB"], rows)
+
+
+def print_targets(results: dict[str, Any]) -> None:
+    steps = results.get("steps", {})
+    rows = []
+    for case, target in TARGETS.items():
+        if "ratio" in steps.get(case, {}):
+            r = steps[case]["ratio"]
+            rows.append([f"{case}: ours / plain >= {target}x", f"{r:.2f}x", "met" if r >= target else "not met"])
+    if "finetune" in steps:
+        share = steps["finetune"]["ours"]["matmul_share"]
+        rows.append([f"finetune: >= {MATMUL_SHARE_TARGET:.0%} of matmul", f"{share:.0%}",
+                     "met" if share >= MATMUL_SHARE_TARGET else "not met"])
+        ours, base = steps["finetune"]["ours"]["step_mib"], steps["finetune"].get("plain", {}).get("step_mib")
+        if ours is not None and base is not None:
+            rows.append(["finetune: step peak memory <= plain", f"{ours:.0f} vs {base:.0f} MiB",
+                         "met" if ours <= base else "not met"])
+    if rows:
+        print_table("targets (issue 6; only a quiet machine's full run counts)", ["target", "measured", ""], rows)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.allocator == "keep":
+        keep_freed_memory()
+    dev = torch.device(args.device)
+    t_start = time.perf_counter()
+    info = machine(dev)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    n = 512 if dtype == torch.bfloat16 and dev.type == "cpu" else 2048  # CPUs without bf16 units: ~1 GFLOP/s
+    matmul = matmul_gflops(dev, dtype, 3 if args.quick else 5, n)
+    info.update(matmul_gflops=matmul, matmul_dtype=str(dtype).removeprefix("torch."), matmul_n=n)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs, {info['torch_threads']} torch threads)"
+          + (f", {info['gpu']}" if "gpu" in info else "")
+          + f"; torch {info['torch']}, numpy {info['numpy']}, python {info['python']}")
+    print(f"settings: batch {args.batch}, {args.precision}, warm-up {args.warmup}, repeats {args.repeats}, "
+          f"allocator {args.allocator}; matmul {n}^3 {info['matmul_dtype']}: {matmul:.1f} GFLOP/s")
+    results: dict[str, Any] = {"machine": info, "settings": settings}
+    sections = args.sections.split(",")
+    if "ops" in sections:
+        results["ops"] = run_ops(args, dev)
+    if "steps" in sections:
+        results["steps"] = run_steps(args, dev, matmul)
+    if "fastpaths" in sections:
+        results["fastpaths"] = run_fastpaths(args, dev, matmul)
+    if "scaling" in sections:
+        results["scaling"] = run_scaling(args, dev, matmul)
+    print_targets(results)
+    results["wall_s"] = time.perf_counter() - t_start
+    print(f"\ntotal {results['wall_s']:.0f} s")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main(ARGS)
