@@ -275,7 +275,7 @@ def _demo(kind: str) -> Config:
     c.backbone = BackboneConfig(dim=128, depth=4, num_heads=4, pos_hidden=64, drop_path_rate=0.1)
     c.tokenizer = TokenizerConfig(vocab_size=256, token_dim=64, decoder_dim=64,
                                   dgcnn_dims=(32, 64, 64, 128, 128), decoder_hidden=128, fold_hidden=64,
-                                  temp_steps=350, kl_delay=35, kl_steps=350)
+                                  temp_steps=280, kl_delay=28, kl_steps=280)
     c.mpm = MPMConfig(proj_dim=128, queue_size=1024)
     c.head = HeadConfig(num_classes=15, hidden=128)
     c.partseg = PartSegConfig(feature_blocks=(1, 2, 3), num_level1=256, num_level2=128, prop_hidden=256,
@@ -285,8 +285,8 @@ def _demo(kind: str) -> Config:
                         probe_dataset="synthetic" if kind == "pretrain" else "")
     c.optim = OptimConfig(lr=1e-3, weight_decay=5e-4 if kind == "tokenizer" else 0.05, warmup_epochs=1,
                           grad_clip=0.0 if kind != "classifier" else 10.0, schedule="step")
-    c.train = TrainConfig(epochs={"tokenizer": 15, "pretrain": 20}.get(kind, 30), batch_size=32,
-                          extra_epoch=False, eval_every=5)
+    c.train = TrainConfig(epochs={"tokenizer": 12, "pretrain": 20}.get(kind, 30), batch_size=32,
+                          extra_epoch=False, eval_every={"tokenizer": 6, "pretrain": 10}.get(kind, 5))
     return c
 
 

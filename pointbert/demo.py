@@ -174,7 +174,7 @@ def demo_command(args: Any) -> int:
 
         subset = InMemory(train, per_class_subset(train.labels, args.labels_per_class, seed=s))
         low = validate(apply_overrides(cls_cfg, [f"train.seed={s}", f"train.epochs={args.finetune_epochs}",
-                                                 "train.eval_every=10",
+                                                 f"train.eval_every={args.finetune_epochs}",
                                                  f"train.batch_size={min(cls_cfg.train.batch_size, len(subset))}"]))
         for arm, init in (("pre-trained", str(pretrained)), ("scratch", None)):
             task = ClassificationTask(low, init=init, scratch=init is None, train_data=subset, test_data=test,
@@ -202,7 +202,8 @@ def write_report(out: Path, results: dict, timings: dict, total: float, pre: dic
     lines = [
         "# pointbert demo: what pre-training buys", "",
         f"Test accuracy (%) on the synthetic shapes, mean ± std over {args.seeds} seeds "
-        "(few-shot: one episode per seed; SVM from scratch: one random backbone per seed).", "",
+        "(few-shot: one episode per seed; fine-tune: one label subset per seed; SVM: the one pre-trained "
+        "backbone, against one random backbone per seed).", "",
         *rows, "",
         "- pre-training used the unlabelled training shapes only (tokenizer, then masked point modeling);",
         f"- few-shot: {args.way} classes, {args.shot} labelled shapes each, 20 test queries per class, "
