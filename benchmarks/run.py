@@ -32,8 +32,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"finetune": 1.4, "inference": 1.3, "tokenizer": 2.0, "pretrain": 1.5}  # ours / plain, issue 6

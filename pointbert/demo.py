@@ -75,7 +75,8 @@ def _mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
-def demo_configs(overrides: list[str], device_override: dict | None = None) -> dict[str, Config]:
+def demo_configs(overrides: list[str]) -> dict[str, Config]:
+    """The three demo presets with the same dotted overrides applied to each."""
     cfgs = {}
     for kind in ("tokenizer", "pretrain", "classifier"):
         c = preset(f"demo-{kind}")

@@ -22,7 +22,6 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from .checkpoint import config_of, load_model
 from .errors import DataError, PointBERTError
 
-Points = Union[np.ndarray, Tensor]
+Points = np.ndarray | Tensor
 FPS_CHUNK = 64  # clouds per batched FPS call
 
 

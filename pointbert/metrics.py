@@ -9,7 +9,7 @@ evaluations read data: batches in dataset order, each cloud reduced by FPS from 
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

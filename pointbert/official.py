@@ -33,7 +33,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -450,7 +450,7 @@ class ImportReport:
         return out + [f"note: {n}" for n in self.notes]
 
 
-Source = Union[str, Path, dict]
+Source = str | Path | dict
 
 
 def convert_official(source: Source, kind: str | None = None, *, num_points: int | None = None,

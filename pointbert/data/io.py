@@ -26,8 +26,8 @@ from __future__ import annotations
 import re
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
