@@ -147,24 +147,6 @@ class FeaturePropagation(nn.Module):
         return x.view(B, S, self.out_channels)
 
 
-def cross_edge_features(query_feats: Tensor, feats: Tensor, idx: Tensor) -> Tensor:
-    """DGCNN edge features concat[f_j - f_i, f_i] for each query i and neighbour j of another point set.
-
-    With ``feats is query_feats`` this is the self-graph :func:`pointbert.tokenizer.edge_features`.
-
-    Args:
-        query_feats: (B, S, C) features f_i of the query points.
-        feats: (B, N, C) features f_j of the points the neighbours index.
-        idx: (B, S, k) neighbour indices into N.
-
-    Returns:
-        (B, S, k, 2C).
-    """
-    neighbours = ops.gather(feats, idx)  # (B, S, k, C)
-    centre = query_feats.unsqueeze(2).expand_as(neighbours)  # (B, S, k, C)
-    return torch.cat([neighbours - centre, centre], dim=-1)
-
-
 class DGCNNPropagation(nn.Module):
     """DGCNN propagation from a coarse point set to a finer one (official ``DGCNN_Propagation``).
 
@@ -199,7 +181,7 @@ class DGCNNPropagation(nn.Module):
         with torch.no_grad():
             cross = ops.knn(query_xyz, xyz, self.k)  # (B, S, k) into the coarse level
             self_graph = ops.knn(query_xyz, query_xyz, self.k)  # (B, S, k) into the query level
-        f = self.layer1(cross_edge_features(query_feats, feats, cross))  # (B,S,k,2*dim) -> (B,S,k,hidden)
+        f = self.layer1(edge_features(query_feats, cross, feats))  # (B,S,k,2*dim) -> (B,S,k,hidden)
         f = f.amax(dim=2)  # (B, S, hidden)
         f = self.layer2(edge_features(f, self_graph))  # (B, S, k, 2*hidden) -> (B, S, k, dim)
         return f.amax(dim=2)  # (B, S, dim)

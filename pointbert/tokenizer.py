@@ -53,17 +53,19 @@ class GroupNormLast(nn.GroupNorm):
         return h.permute(0, 2, 3, 1).reshape(*x.shape[:-1], C)  # back to (B, *, C)
 
 
-def edge_features(f: Tensor, idx: Tensor) -> Tensor:
+def edge_features(f: Tensor, idx: Tensor, neighbour_feats: Tensor | None = None) -> Tensor:
     """EdgeConv input: for query i and each neighbour j in idx[i], concat[f_j - f_i, f_i].
 
     Args:
-        f: (B, G, C) per-patch features.
-        idx: (B, G, k) neighbour indices into G.
+        f: (B, G, C) features f_i of the query points.
+        idx: (B, G, k) neighbour indices into ``neighbour_feats`` (default: into ``f`` itself).
+        neighbour_feats: (B, N, C) features f_j of another point set (the part-segmentation
+            propagation from a coarser level); None for the self-graph.
 
     Returns:
         (B, G, k, 2C) edge features.
     """
-    neighbours = ops.gather(f, idx)  # (B, G, k, C)
+    neighbours = ops.gather(f if neighbour_feats is None else neighbour_feats, idx)  # (B, G, k, C)
     center = f.unsqueeze(2).expand_as(neighbours)  # (B, G, k, C)
     return torch.cat([neighbours - center, center], dim=-1)
 
