@@ -102,3 +102,16 @@ def config_from_args(args: Any, kind: str, default_preset: str, stage: str | Non
     cfg = apply_overrides(cfg, flags, where="flag")
     cfg = apply_overrides(cfg, list(getattr(args, "overrides", None) or []))
     return validate(cfg)
+
+
+def check_init(init: str | Path | None, scratch: bool, resume: bool, what: str) -> None:
+    """Fine-tuning starts from exactly one of ``--init CHECKPOINT`` or ``--scratch`` (or resumes a run)."""
+    from ..errors import CheckpointError
+
+    if init and scratch:
+        raise ConfigError("pass either --init CHECKPOINT or --scratch, not both")
+    if not init and not scratch and not resume:
+        raise ConfigError(f"pass --init CHECKPOINT ({what}) to fine-tune pre-trained weights, or --scratch "
+                          "to train from random initialisation")
+    if init and not Path(init).is_file():
+        raise CheckpointError(f"{init}: no such checkpoint file")

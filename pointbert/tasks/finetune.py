@@ -28,7 +28,7 @@ from ..config import Config, ConfigError, apply_overrides, validate
 from ..engine import Context, Task, fit, resolve_device, resolve_precision, unwrap
 from ..errors import CheckpointError, PointBERTError
 from ..heads import Classifier
-from . import apply_data_arg, config_from_args, out_dir
+from . import apply_data_arg, check_init, config_from_args, out_dir
 
 __all__ = ["ClassificationTask", "smoothed_cross_entropy", "load_init", "InitReport", "classify",
            "evaluate_classifier", "vote_logits", "vote_accuracy", "finetune_command", "evaluate_command",
@@ -164,13 +164,7 @@ class ClassificationTask(Task):
 
     def __init__(self, cfg: Config, init: str | Path | None = None, scratch: bool = False, *,
                  resume: bool = False, train_data: Any = None, test_data: Any = None):
-        if init and scratch:
-            raise ConfigError("pass either --init CHECKPOINT or --scratch, not both")
-        if not init and not scratch and not resume:
-            raise ConfigError("pass --init CHECKPOINT (a pre-training or classifier checkpoint) to fine-tune "
-                              "pre-trained weights, or --scratch to train from random initialisation")
-        if init and not Path(init).is_file():
-            raise CheckpointError(f"{init}: no such checkpoint file")
+        check_init(init, scratch, resume, "a pre-training or classifier checkpoint")
         self._train, self._test = train_data, test_data
         self.init = str(init) if init else None
         self.init_report: InitReport | None = None

@@ -30,6 +30,7 @@ from ..config import Config, ConfigError
 from ..engine import Context, Task, eval_loader, fit
 from ..errors import CheckpointError
 from ..heads import SHAPENETPART_PARTS, PartSegmenter, PartSegMetrics
+from . import check_init
 
 
 def bn_momentum(epoch: int) -> float:
@@ -86,13 +87,7 @@ class PartSegTask(Task):
 
     def __init__(self, cfg: Config, init: str | Path | None = None, scratch: bool = False, *,
                  resume: bool = False):
-        if init and scratch:
-            raise ConfigError("pass either --init CHECKPOINT or --scratch, not both")
-        if not init and not scratch and not resume:
-            raise ConfigError("pass --init CHECKPOINT (a pre-training checkpoint) to fine-tune pre-trained "
-                              "weights, or --scratch to train from random initialisation")
-        if init and not Path(init).is_file():
-            raise CheckpointError(f"{init}: no such checkpoint file")
+        check_init(init, scratch, resume, "a pre-training checkpoint")
         if cfg.data.dataset not in ("shapenetpart", "synthetic"):
             raise ConfigError("part segmentation needs part labels: data.dataset must be shapenetpart or "
                               f"synthetic, got {cfg.data.dataset!r}")
