@@ -349,23 +349,25 @@ def run_ops(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def patch_embed_flags(model: nn.Module, **flags: Any):
-    """Set PatchEmbed fast-path attributes on every instance in ``model`` for the duration of the block."""
-    embeds = [m for m in model.modules() if isinstance(m, PatchEmbed)]
-    for m in embeds:
-        for k, v in flags.items():
-            setattr(m, k, v)
+def fast_path_flags(model: nn.Module, **flags: Any):
+    """Set fast-path attributes (class-level defaults of PatchEmbed, DGCNN, FoldingDecoder) on every
+    submodule whose class defines them, for the duration of the block."""
+    touched = [(m, k) for m in model.modules() for k in flags if hasattr(type(m), k)]
+    for m, k in touched:
+        setattr(m, k, flags[k])
     try:
         yield
     finally:
-        for m in embeds:
-            for k in flags:
-                delattr(m, k)  # back to the class default
+        for m, k in touched:
+            delattr(m, k)  # back to the class default
 
 
 def run_fastpaths(args: argparse.Namespace, dev: torch.device, matmul: float) -> dict[str, Any]:
     out = {}
     variants = {
+        "tokenizer": {"split_edges off": dict(split_edges=False), "split_first off": dict(split_first=False),
+                      "split_global off": dict(split_global=False),
+                      "all fast paths off": dict(split_edges=False, split_first=False, split_global=False)},
         "finetune": {"split_global off": dict(split_global=False)},  # fold_bn / chunk_patches: eval only
         "inference": {"split_global off": dict(split_global=False), "fold_bn off": dict(fold_bn=False),
                       "chunk_patches off": dict(chunk_patches=0),
@@ -404,7 +406,7 @@ def run_fastpaths(args: argparse.Namespace, dev: torch.device, matmul: float) ->
 
 
 def _with_flags(model: nn.Module, flags: dict[str, Any], run: Callable[[], None]) -> None:
-    with patch_embed_flags(model, **flags):
+    with fast_path_flags(model, **flags):
         run()
 
 

@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     p.add_argument("--data", default=None, help="the test data (default: the checkpoint's)")
     p.add_argument("--vote", action="store_true", help="also the voting accuracy of spec 6.3")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)

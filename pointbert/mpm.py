@@ -280,6 +280,21 @@ class PointBERT(nn.Module):
                               moco_loss.detach(), acc)
 
     @torch.no_grad()
+    def predict_masked(self, points: Tensor, mask: Tensor | None = None) -> tuple[Tensor, ...]:
+        """Masked point modeling at inference: which token does the model put in each masked patch?
+
+        points (B, N, 3); mask (B, G) bool (default: one mask drawn as in training). Returns
+        (neighborhoods (B, G, K, 3), centers (B, G, 3), mask, target ids (B, G) from the tokenizer,
+        predicted ids (B, G) from the query encoder; meaningful where ``mask``).
+        """
+        neighborhoods, centers = self.query.backbone.group(points)
+        if mask is None:
+            mask = self.query.draw_mask(centers)
+        tokens = self.query(neighborhoods, centers, mask)[1]
+        predicted = self.query.lm_head(tokens).argmax(-1)
+        return neighborhoods, centers, mask, self.targets(neighborhoods, centers), predicted
+
+    @torch.no_grad()
     def probe_features(self, points: Tensor) -> Tensor:
         """Unmasked query projection (B, proj_dim), not normalised: the SVM-probe feature (spec 5.6)."""
         return self.query(*self.query.backbone.group(points))[0]

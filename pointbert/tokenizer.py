@@ -70,6 +70,23 @@ def edge_features(f: Tensor, idx: Tensor, neighbour_feats: Tensor | None = None)
     return torch.cat([neighbours - center, center], dim=-1)
 
 
+def edge_conv(block: nn.Sequential, f: Tensor, idx: Tensor) -> Tensor:
+    """``block(edge_features(f, idx))`` without building the (B, G, k, 2C) edge features.
+
+    The block's bias-free linear map W = [W_d | W_c] on [f_j - f_i ; f_i] equals W_d f_j + (W_c - W_d) f_i,
+    so both halves are computed once per point, (B, G, C) @ (C, 2C'), and the neighbour half is gathered:
+    k times fewer multiply-adds than the (B, G, k, 2C) @ (2C, C') of the plain form. Then the block's
+    GroupNorm and activation, as in the plain form (equal up to float rounding).
+
+    f (B, G, C), idx (B, G, k) -> (B, G, k, C').
+    """
+    linear, rest = block[0], block[1:]
+    C = f.shape[-1]
+    w_d, w_c = linear.weight[:, :C], linear.weight[:, C:]  # (C', C) each
+    nbr, own = F.linear(f, torch.cat([w_d, w_c - w_d])).chunk(2, dim=-1)  # (B, G, C') each
+    return rest(ops.gather(nbr, idx) + own.unsqueeze(2))
+
+
 def _conv_block(in_dim: int, out_dim: int) -> nn.Sequential:
     """1x1 conv (bias-free) -> GroupNorm(4) -> LeakyReLU(0.2), channel-last."""
     return nn.Sequential(nn.Linear(in_dim, out_dim, bias=False), GroupNormLast(4, out_dim), nn.LeakyReLU(0.2))
@@ -83,6 +100,9 @@ class DGCNN(nn.Module):
     The graph joins each center to its k nearest centers, itself included. Note that layer5's
     GroupNorm and LeakyReLU also apply when the output is the token logits (spec 11.6).
     """
+
+    #: fast path (on): each EdgeConv layer through :func:`edge_conv`, k times fewer multiply-adds.
+    split_edges = True
 
     def __init__(self, in_dim: int, out_dim: int, k: int = 4,
                  dims: tuple[int, ...] = (128, 256, 512, 512, 1024)):
@@ -107,7 +127,9 @@ class DGCNN(nn.Module):
         f = self.input_trans(f)  # (B, G, 128)
         levels = []
         for i in range(1, self.edge_layers + 1):
-            f = getattr(self, f"layer{i}")(edge_features(f, idx)).amax(dim=2)  # (B,G,k,2C) -> (B,G,k,C') -> (B,G,C')
+            layer = getattr(self, f"layer{i}")
+            edges = edge_conv(layer, f, idx) if self.split_edges else layer(edge_features(f, idx))  # (B,G,k,C')
+            f = edges.amax(dim=2)  # (B, G, C')
             levels.append(f)
         return getattr(self, f"layer{self.edge_layers + 1}")(torch.cat(levels, dim=-1))  # (B,G,2304) -> (B,G,C_out)
 
@@ -128,6 +150,9 @@ class FoldingDecoder(nn.Module):
     """
 
     grid_size = 2
+    #: fast path (on): ``final_conv``'s first layer maps the patch feature once per patch, not once per
+    #: fine point (W [f ; s ; a] + b = (W_f f + b) + W_s s + W_a a); equal up to float rounding.
+    split_first = True
 
     def __init__(self, in_dim: int, num_fine: int, hidden: int = 1024, fold_hidden: int = 512):
         super().__init__()
@@ -155,9 +180,16 @@ class FoldingDecoder(nn.Module):
         coarse = self.mlp(features).view(B, G, self.num_coarse, 3)
         anchor = coarse.repeat_interleave(folds, dim=2)  # (B, G, num_fine, 3): fine n -> coarse n // 4
         seed = self.folding_seed.repeat(self.num_coarse, 1).to(features.dtype)  # (num_fine, 2): n -> n % 4
-        x = torch.cat([features.unsqueeze(2).expand(B, G, self.num_fine, C),
-                       seed.expand(B, G, self.num_fine, 2), anchor], dim=-1)  # (B, G, num_fine, C+5)
-        offset = self.final_conv(x.reshape(B * G * self.num_fine, C + 5))  # BatchNorm over all B*G*num_fine
+        if self.split_first:
+            first = self.final_conv[0]
+            w_f, w_s, w_a = first.weight.split([C, 2, 3], dim=1)
+            h = (F.linear(features, w_f, first.bias).unsqueeze(2)  # (B, G, 1, H) once per patch
+                 + F.linear(seed, w_s) + F.linear(anchor, w_a))  # (num_fine, H) + (B, G, num_fine, H)
+            offset = self.final_conv[1:](h.reshape(B * G * self.num_fine, -1))
+        else:
+            x = torch.cat([features.unsqueeze(2).expand(B, G, self.num_fine, C),
+                           seed.expand(B, G, self.num_fine, 2), anchor], dim=-1)  # (B, G, num_fine, C+5)
+            offset = self.final_conv(x.reshape(B * G * self.num_fine, C + 5))  # BatchNorm over all B*G*num_fine
         fine = offset.view(B, G, self.num_fine, 3) + anchor
         return coarse, fine
 

@@ -183,15 +183,35 @@ def patch_panels(neighborhoods, centers, mask=None, tokens=None, title: str = ""
     return panels
 
 
+def masked_prediction_panel(tokenizer, neighborhoods, centers, mask, target, predicted) -> dict:
+    """One cloud's masked point modeling result: the visible patches as given (blue) and, in the masked
+    places, the tokenizer's decoding of the PREDICTED token ids (red); the title gives the share of masked
+    patches whose predicted id equals the tokenizer's.
+
+    neighborhoods (G, K, 3) local, centers (G, 3), mask (G,) bool, target and predicted (G,) int.
+    """
+    import numpy as np
+
+    _, fine = tokenizer.decode(predicted[None], centers[None])
+    guessed = (fine[0] + centers[:, None])[mask].reshape(-1, 3).numpy()
+    visible = (neighborhoods + centers[:, None])[~mask].reshape(-1, 3).numpy()
+    pts = np.concatenate([visible, guessed])
+    rgba = np.concatenate([np.tile([0.12, 0.47, 0.71, 1.0], (len(visible), 1)),
+                           np.tile([0.84, 0.15, 0.16, 1.0], (len(guessed), 1))])
+    right = float((predicted[mask] == target[mask]).float().mean()) if bool(mask.any()) else float("nan")
+    return {"points": pts, "colors": rgba,
+            "title": f"masked patches predicted (red)\n{100 * right:.0f}% of ids right"}
+
+
 def render_command(args) -> int:
     """``pointbert render CKPT INPUT --out file.png``: each cloud with its patches and what the model makes
-    of them: token ids and the tokenizer's reconstruction (tokenizer / pre-training checkpoints, which
-    also show a block mask), or the predicted class (classifiers)."""
+    of them: token ids and the tokenizer's reconstruction (tokenizer / pre-training checkpoints; the
+    pre-training ones also show a mask and the decoded token predictions for the masked patches), or the
+    predicted class (classifiers)."""
     import torch
 
     from .checkpoint import config_of, load_model
     from .inference import load_clouds
-    from .mpm import block_mask
 
     model, ckpt = load_model(args.checkpoint, ("tokenizer", "pretrain", "classifier"))
     cfg = config_of(ckpt, args.checkpoint)
@@ -201,16 +221,21 @@ def render_command(args) -> int:
     panels: list[dict] = []
     torch.manual_seed(0)
     with torch.no_grad():
-        if tokenizer is not None:
+        if cfg.kind == "pretrain":
+            nb, centers, mask, ids, predicted = model.eval().predict_masked(points)
+        elif tokenizer is not None:
             nb, centers = tokenizer.group(points)
-            ids = tokenizer.tokenize_patches(nb, centers)
+            ids, mask, predicted = tokenizer.tokenize_patches(nb, centers), None, None
+        if tokenizer is not None:
             _, fine = tokenizer.decode(ids, centers)
             recon = (fine + centers[:, :, None]).flatten(1, 2)
-            mask = block_mask(centers, cfg.mpm.mask_ratio) if cfg.kind == "pretrain" else None
             for b, name in enumerate(names[: len(points)]):
                 panels += patch_panels(nb[b], centers[b], None if mask is None else mask[b], ids[b],
                                        title=str(name))
                 panels.append({"points": recon[b].numpy(), "title": "reconstruction from the token ids"})
+                if predicted is not None:
+                    panels.append(masked_prediction_panel(tokenizer, nb[b], centers[b], mask[b], ids[b],
+                                                          predicted[b]))
         else:
             nb, centers = model.backbone.group(points)
             probs = model(points).softmax(-1)
@@ -219,7 +244,7 @@ def render_command(args) -> int:
                 p, c = probs[b].max(0)
                 panels += patch_panels(nb[b], centers[b],
                                        title=f"{name}: {classes[int(c)]} ({100 * float(p):.0f}%)")
-    cols = {"tokenizer": 3, "pretrain": 4, "classifier": min(4, len(panels))}[cfg.kind]
+    cols = {"tokenizer": 3, "pretrain": 5, "classifier": min(4, len(panels))}[cfg.kind]
     path = render_panels(panels, args.out, cols=cols, title=f"{Path(args.checkpoint).name} ({cfg.kind})")
     print(f"wrote {path}")
     return 0

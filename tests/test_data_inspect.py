@@ -153,6 +153,23 @@ def test_modelnet_normal_resampled(tmp_path, capsys):
     assert run(root) == 0
 
 
+def test_modelnet_folder_layout_is_read_as_modelnet(tmp_path):
+    from pointbert.data.official import MODELNET10_CLASSES
+
+    root = tmp_path / "ModelNet10"
+    for c in MODELNET10_CLASSES:
+        for split in ("train", "test"):
+            (root / c / split).mkdir(parents=True)
+            np.save(root / c / split / f"{c}_0001.npy", unit_cloud(1, 64).astype(np.float32))
+    assert detect_format(root) == "modelnet10"
+    assert run(root) == 0
+    (root / "toilet" / "test").rename(root / "toilet" / "val")  # no longer the layout: a class folder
+    assert detect_format(root) == "folder"
+    (root / "toilet" / "val").rename(root / "toilet" / "test")
+    (root / "extra" / "train").mkdir(parents=True)
+    assert detect_format(root) == "folder"
+
+
 def test_shapenet55(tmp_path, capsys):
     root = tmp_path / "ShapeNet55-34"
     (root / "ShapeNet-55").mkdir(parents=True)

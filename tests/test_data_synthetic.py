@@ -1,8 +1,6 @@
-"""The built-in procedural dataset: contract, determinism, variety, parts, speed, and a render."""
+"""The built-in procedural dataset: contract, determinism, variety, parts and a render."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -56,15 +54,6 @@ def test_members_of_a_class_vary():
     for c in range(C):
         ext = [np.ptp(ds[c + k * C]["points"], axis=0) for k in range(3)]
         assert not np.allclose(ext[0], ext[1], atol=0.02) or not np.allclose(ext[1], ext[2], atol=0.02)
-
-
-def test_generation_speed():
-    ds = SyntheticShapes("train", 1024)
-    t = time.perf_counter()
-    for i in range(300):
-        ds[i]
-    per_shape = (time.perf_counter() - t) / 300
-    assert per_shape < 0.02, f"{per_shape * 1e3:.1f} ms per 1024-point shape"
 
 
 def test_render_png(tmp_path):

@@ -12,6 +12,7 @@ from pointbert.data.transforms import (
     fps_subsample,
     jitter,
     partseg_scale_shift,
+    random_subset,
     rotate_y,
     scale_translate,
 )
@@ -85,3 +86,19 @@ def test_generator_on_other_device_than_points_is_fine():
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.rand(2, 64, 3)
     assert scale_translate(x, g).device == x.device
+
+
+def test_random_subset_takes_distinct_points_per_cloud_and_is_seeded():
+    x = torch.randn(4, 100, 3)
+    y = random_subset(x, 30, gen(0))
+    assert y.shape == (4, 30, 3) and torch.equal(y, random_subset(x, 30, gen(0)))
+    for b in range(4):  # every point of the subset is a distinct point of its own cloud
+        hit = (y[b][:, None] == x[b][None]).all(-1)  # (30, 100)
+        assert (hit.sum(1) == 1).all() and hit.any(0).sum() == 30
+    assert not torch.equal(y[0], x[0, :30]) and not torch.equal(random_subset(x, 30, gen(1)), y)
+    rows = [set(map(tuple, y[b].tolist())) for b in range(2)]
+    first = [set(map(tuple, x[b, :30].tolist())) for b in range(2)]
+    assert rows != first  # not a prefix
+    assert random_subset(x, 100, gen(0)) is x  # already the right size: unchanged
+    with pytest.raises(ValueError, match="cannot take 101 points from clouds of 100"):
+        random_subset(x, 101, gen(0))

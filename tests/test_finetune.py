@@ -176,9 +176,13 @@ def test_finetune_then_evaluate_with_voting(tmp_path, small_synthetic, capsys):
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert len(evals) == 1 and set(evals[0]) >= {"acc", "mean_class_acc"}
 
-    rc = main(["evaluate", str(out / "best.pt"), "train.vote_repeats=2", "train.vote_views=3", "--vote"])
+    rc = main(["evaluate", str(out / "best.pt"), "train.vote_repeats=2", "train.vote_views=3", "--vote",
+               "--out", str(tmp_path / "eval.json")])
     assert rc == 0
     table = capsys.readouterr().out
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["acc"] == pytest.approx(evals[0]["acc"]) and result["vote_repeats"] == 2
+    assert len(result["vote_accs"]) == 2 and result["num_test"] == 30
     assert re.search(rf"^accuracy +{evals[0]['acc']:.2f} %$", table, re.M)  # the same as during training
     assert "vote accuracy, max of 2" in table and "vote accuracy, mean of 2" in table
     assert "synthetic test: 30 clouds, 15 classes" in table

@@ -188,3 +188,28 @@ def test_probe_features_are_unmasked_and_deterministic():
     pts = torch.randn(3, 256, 3)
     a, b = model.probe_features(pts), model.probe_features(pts)
     assert a.shape == (3, cfg.mpm.proj_dim) and torch.equal(a, b)
+
+
+def test_predict_masked_predicts_tokens_only_from_visible_patches_and_renders(tmp_path):
+    from pointbert.viz import masked_prediction_panel
+
+    model, cfg = _tiny_pointbert()
+    model.eval()
+    pts = torch.randn(2, 256, 3)
+    torch.manual_seed(0)
+    nb, centers, mask, target, predicted = model.predict_masked(pts)
+    G = cfg.patches.num_patches
+    assert nb.shape == (2, G, cfg.patches.patch_size, 3) and mask.shape == target.shape == predicted.shape == (2, G)
+    assert mask.any() and torch.equal(target, model.targets(nb, centers))
+    # the prediction for masked patches does not see their points: change them, nothing changes
+    nb2 = torch.where(mask[..., None, None], torch.randn_like(nb), nb)
+    tokens = model.query(nb2, centers, mask)[1]
+    assert torch.equal(model.query.lm_head(tokens).argmax(-1)[mask], predicted[mask])
+    again = model.predict_masked(pts, mask)
+    assert torch.equal(again[2], mask) and torch.equal(again[4], predicted)
+    panel = masked_prediction_panel(model.tokenizer, nb[0], centers[0], mask[0], target[0], predicted[0])
+    visible, masked = int((~mask[0]).sum()), int(mask[0].sum())
+    K = cfg.patches.patch_size
+    assert panel["points"].shape == (visible * K + masked * model.tokenizer.decoder.num_fine, 3)
+    right = float((predicted[0][mask[0]] == target[0][mask[0]]).float().mean())
+    assert f"{100 * right:.0f}% of ids right" in panel["title"]

@@ -21,7 +21,8 @@ from pointbert.mpm import PointBERT
 from pointbert.patches import PatchEmbed
 from pointbert.tokenizer import DiscreteVAE
 
-FAST_PATHS = [dict(split_global=True), dict(split_global=False)]
+FAST_PATHS = [dict(split_global=True, split_edges=True, split_first=True),
+              dict(split_global=False, split_edges=False, split_first=False)]
 EVAL_PATHS = [dict(fold_bn=f, chunk_patches=c, split_global=s) for f in (True, False) for c in (0, 3)
               for s in (True, False)]
 
@@ -33,9 +34,10 @@ def close(a: Tensor, b: Tensor, rel: float = 1e-4, what: str = "") -> None:
 
 
 def flagged(model: nn.Module, **flags) -> nn.Module:
+    """Set each fast-path flag on every submodule whose class defines it (PatchEmbed, DGCNN, FoldingDecoder)."""
     for m in model.modules():
-        if isinstance(m, PatchEmbed):
-            for k, v in flags.items():
+        for k, v in flags.items():
+            if hasattr(type(m), k):
                 setattr(m, k, v)
     return model
 

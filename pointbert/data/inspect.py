@@ -213,6 +213,8 @@ def _read_list(p: Path) -> list[str]:
 
 def _inspect_modelnet(path: Path, report: Report, args, ten: bool = False) -> str:
     name = "modelnet10" if ten else "modelnet40"
+    if modelnet_folder_layout(path) == name:  # <class>/{train,test}/<class>_NNNN.npy: read as a class folder
+        return _inspect_folder(path, report, args)
     caches = sorted(path.glob("modelnet*_*pts_fps.dat"))
     names_file = path / f"{name}_shape_names.txt"
     report.title(f"{path.name}/: official {'ModelNet10' if ten else 'ModelNet40'} "
@@ -387,6 +389,20 @@ INSPECTORS: dict[str, Callable[[Path, Report, object], str]] = {
 }
 
 
+def modelnet_folder_layout(path: Path) -> str | None:
+    """``modelnet40`` / ``modelnet10`` when ``path`` holds exactly the ModelNet40 (ModelNet10) class folders,
+    each with ``train/`` and ``test/`` (the ``<class>/{train,test}/<class>_NNNN.npy`` layout), else None."""
+    from .official import MODELNET10_CLASSES, MODELNET40_CLASSES
+
+    _, dirs = _entries(path)
+    names = {d.name for d in dirs}
+    for fmt, classes in (("modelnet40", MODELNET40_CLASSES), ("modelnet10", MODELNET10_CLASSES)):
+        if names == set(classes) and all((path / c / "train").is_dir() and (path / c / "test").is_dir()
+                                         for c in classes):
+            return fmt
+    return None
+
+
 def detect_format(path: Path) -> str:
     """The dataset format at ``path`` (one of :data:`INSPECTORS`), or DataError when none fits."""
     if not path.exists():
@@ -397,6 +413,9 @@ def detect_format(path: Path) -> str:
         return "modelnet40"
     if (path / "modelnet10_shape_names.txt").is_file() or any(path.glob("modelnet10_*pts_fps.dat")):
         return "modelnet10"
+    layout = modelnet_folder_layout(path)
+    if layout:
+        return layout
     root = _shapenet_root(path)
     if (root / "ShapeNet-55" / "train.txt").is_file() or (root / "shapenet_pc").is_dir():
         return "shapenet55"

@@ -591,7 +591,7 @@ class ScanObjectNN(_Official):
         root = Path(root)
         if variant not in SCANOBJECTNN_FILES:
             raise DataError(f"{root}: ScanObjectNN variant must be one of {', '.join(SCANOBJECTNN_FILES)}, "
-                            f"got {variant!r}")
+                            f"got {variant!r}; add data.variant=objectbg (or objectonly, hardest) to the command")
         _check_split(split, ("train", "test"), root)
         sub, stem = SCANOBJECTNN_FILES[variant]
         name = f"{'training' if split == 'train' else 'test'}_{stem}.h5"

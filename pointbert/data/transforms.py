@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["scale_translate", "partseg_scale_shift", "fps_subsample", "rotate_y", "jitter", "augment",
+__all__ = ["scale_translate", "partseg_scale_shift", "fps_subsample", "random_subset", "rotate_y", "jitter", "augment",
            "AUGMENTATIONS"]
 
 
@@ -96,6 +96,26 @@ def fps_subsample(points: Tensor, num_points: int, point_pool: int | None = None
         cols = torch.randperm(pool, generator=generator, device=generator.device)[:num_points]
         idx = idx[:, cols.to(idx.device)]
     return gather(points, idx)
+
+
+def random_subset(points: Tensor, num_points: int, generator: torch.Generator | None = None) -> Tensor:
+    """``num_points`` random points of each cloud, a different subset per cloud (the ShapeNet-55 sampling of
+    spec 2.1, batched): how the tokenizer and pre-training stages read clouds stored with more points than
+    ``data.num_points`` (ModelNet40, users' folders). Clouds that already have ``num_points`` are returned
+    as they are.
+
+    points (B, N, 3) -> (B, num_points, 3).
+    """
+    from ..ops import gather
+
+    B, N, _ = points.shape
+    if N == num_points:
+        return points
+    if not 0 < num_points < N:
+        raise ValueError(f"cannot take {num_points} points from clouds of {N} points")
+    device = generator.device if generator is not None else points.device
+    idx = torch.rand(B, N, generator=generator, device=device).argsort(dim=1)[:, :num_points]
+    return gather(points, idx.to(points.device))
 
 
 AUGMENTATIONS = {"scale_translate": scale_translate, "partseg": partseg_scale_shift, "none": None}

@@ -374,13 +374,23 @@ def evaluate_command(args: Any) -> int:
     rows += [("accuracy", f"{metrics['acc']:.2f} %"),
              ("mean class accuracy", f"{metrics['mean_class_acc']:.2f} %")]
     if args.vote:
-        v = vote_accuracy(model, test, cfg, device, seed=args.seed, batch_size=batch_size,
+        vote = vote_accuracy(model, test, cfg, device, seed=args.seed, batch_size=batch_size,
                           amp_dtype=amp_dtype)
-        rows += [(f"vote accuracy, max of {cfg.train.vote_repeats}", f"{v['vote_acc']:.2f} %"),
-                 (f"vote accuracy, mean of {cfg.train.vote_repeats}", f"{v['vote_acc_mean']:.2f} %"),
+        rows += [(f"vote accuracy, max of {cfg.train.vote_repeats}", f"{vote['vote_acc']:.2f} %"),
+                 (f"vote accuracy, mean of {cfg.train.vote_repeats}", f"{vote['vote_acc_mean']:.2f} %"),
                  ("", f"({cfg.train.vote_views} views of {cfg.data.num_points} points from FPS "
                       f"{cfg.data.point_pool}, scale+translate, logits averaged)")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    if args.out:
+        import json
+
+        from ..checkpoint import atomic_write_bytes
+
+        result = {"checkpoint": str(args.checkpoint), "epoch": ckpt.get("epoch"), "data": cfg.data.dataset,
+                  "path": cfg.data.path, "num_test": len(test), **metrics}
+        if args.vote:
+            result.update(vote, vote_views=cfg.train.vote_views, vote_repeats=cfg.train.vote_repeats)
+        atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
     return 0

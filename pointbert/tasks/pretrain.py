@@ -94,9 +94,10 @@ class PretrainTask(Task):
         return build_dataset(self.cfg.data, "train", seed=self.cfg.train.seed)
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor], ctx: Context) -> dict[str, Tensor]:
-        from ..data.transforms import augment
+        from ..data.transforms import augment, random_subset
 
-        points = augment(batch["points"].float(), self.cfg.data.augment, ctx.generator)  # (B, N, 3)
+        points = random_subset(batch["points"].float(), self.cfg.data.num_points, ctx.generator)
+        points = augment(points, self.cfg.data.augment, ctx.generator)  # (B, N, 3)
         out = model(points)
         return {"loss": out.loss, "mpm_loss": out.mpm_loss, "mix_loss": out.mix_loss,
                 "moco_loss": out.moco_loss, "mpm_acc": out.mpm_acc * 100}

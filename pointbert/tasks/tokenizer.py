@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config
+from ..data.transforms import random_subset
 from ..engine import Context, Task, eval_loader, fit, unwrap
 from ..tokenizer import DiscreteVAE, gumbel_temperature, kl_weight, reconstruction_metrics
 
@@ -68,7 +69,8 @@ class TokenizerTask(Task):
         self.beta = kl_weight(step, self.cfg.tokenizer)
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor], ctx: Context) -> dict[str, Tensor]:
-        out = model(batch["points"], temperature=self.temperature, hard=False)
+        points = random_subset(batch["points"], self.cfg.data.num_points, ctx.generator)
+        out = model(points, temperature=self.temperature, hard=False)
         out = out._replace(coarse=out.coarse.float(), fine=out.fine.float(), logits=out.logits.float())
         with torch.autocast(ctx.device.type, enabled=False):  # Chamfer and KL in float32 under AMP
             recon, kl = unwrap(model).loss(out)
@@ -87,9 +89,10 @@ class TokenizerTask(Task):
         with seeded_eval(ctx):
             for batch in eval_loader(self._test, self.cfg.train.batch_size, seed=self.cfg.train.seed,
                                      device=ctx.device):
+                points = random_subset(batch["points"], self.cfg.data.num_points)  # seeded by seeded_eval
                 with ctx.autocast():
-                    out = model(batch["points"], temperature=1.0, hard=True)
-                m = reconstruction_metrics(out.whole_fine.float(), batch["points"].float())
+                    out = model(points, temperature=1.0, hard=True)
+                m = reconstruction_metrics(out.whole_fine.float(), points.float())
                 for k in values:
                     values[k].append(m[k].cpu())
                 labels.append(batch["label"].reshape(-1).cpu())
