@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -136,18 +134,13 @@ def _ms(values: list[float]) -> str:
 
 
 def machine() -> str:
+    """The CPU and library versions, as benchmarks/run.py reads them (this script's neighbour)."""
     import torch
+    from run import machine as machine_info
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads; "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
+    m = machine_info(torch.device("cpu"))
+    return (f"{m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch threads; "
+            f"Python {m['python']}, torch {m['torch']}")
 
 
 def report(p: Protocol, settings: list[tuple[int, int]], seeds) -> dict:

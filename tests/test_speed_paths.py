@@ -171,12 +171,17 @@ def small(name: str):
     return cfg
 
 
+def twins(kind: str, model_cls: type, flags: dict) -> tuple:
+    """(cfg, ours, the plain twin with our weights), both in training mode, from the ``small`` tiny preset."""
+    cfg = small(f"tiny-{kind}")
+    torch.manual_seed(0)
+    ours = flagged(model_cls(cfg), **flags).train()
+    return cfg, ours, plain.load_ours(plain.build(kind, cfg), ours).train()
+
+
 @pytest.mark.parametrize("flags", FAST_PATHS)
 def test_classifier_step_matches_plain(flags):
-    cfg = small("tiny-classifier")
-    torch.manual_seed(0)
-    ours = flagged(Classifier(cfg), **flags).train()
-    ref = plain.load_ours(plain.build("classifier", cfg), ours).train()
+    _, ours, ref = twins("classifier", Classifier, flags)
     pts, labels = cloud(4, 256), torch.tensor([0, 3, 5, 9])
     logits = ours(pts)
     ref_logits = ref(pts)
@@ -210,10 +215,7 @@ def test_tokenizer_step_matches_plain(flags):
 
     A soft sample (temperature 2): near one-hot samples give near-identical codebook mixtures, whose
     max over DGCNN neighbours is then a near-tie that rounding may route either way."""
-    cfg = small("tiny-tokenizer")
-    torch.manual_seed(0)
-    ours = flagged(DiscreteVAE(cfg), **flags).train()
-    ref = plain.load_ours(plain.build("tokenizer", cfg), ours).train()
+    _, ours, ref = twins("tokenizer", DiscreteVAE, flags)
     pts = cloud(3, 256, seed=1)
     torch.manual_seed(5)
     out = ours(pts, temperature=2.0)
@@ -237,10 +239,7 @@ def test_tokenizer_step_matches_plain(flags):
 @pytest.mark.parametrize("flags", FAST_PATHS)
 def test_pretrain_step_matches_plain(flags):
     """Two seeded pre-training steps: same masks, mixing, targets, losses, gradients, key encoder and queue."""
-    cfg = small("tiny-pretrain")
-    torch.manual_seed(0)
-    ours = flagged(PointBERT(cfg), **flags).train()
-    ref = plain.load_ours(plain.build("pretrain", cfg), ours).train()
+    _, ours, ref = twins("pretrain", PointBERT, flags)
     pts = cloud(4, 256, seed=2)
     for step in range(2):
         torch.manual_seed(10 + step)
