@@ -11,8 +11,9 @@ Sections (benchmarks/README.md explains every number):
 3. ``steps``: tokenizer (dVAE) step, pre-training step, fine-tuning step and classification inference
    for the full-size presets: samples/s (median, min, max over repeats run alternately for both
    implementations), model GFLOP/s and its share of the matmul, peak memory, and ours / plain;
-4. ``fastpaths``: the fine-tuning step and inference with each of pointbert's fast paths switched off,
-   plus options that are not defaults (fused AdamW, ``torch.compile`` with ``--compile``);
+4. ``fastpaths``: the tokenizer and fine-tuning steps and inference with each of pointbert's fast paths
+   switched off (the fine-tuning step also with the official per-tensor AdamW loop instead of the fused
+   kernel), plus ``torch.compile`` with ``--compile``;
 5. ``scaling``: fine-tuning step and inference at 1k/2k/4k/8k points with 64/128/256/512 patches.
 
 ``--quick`` (under 2 minutes on 2 cores): batch 8 unless ``--batch`` is given, 1 warm-up and 2 repeats,
@@ -33,6 +34,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-plain", action="store_true", help="time pointbert only")
     ap.add_argument("--compile", action="store_true", help="add torch.compile variants to the fastpaths section")
     ap.add_argument("--allocator", default="default", choices=["default", "keep", "thp"],
-                    help="CPU memory: keep = glibc keeps freed memory (no mmap, no trim); "
-                         "thp = torch's THP_MEM_ALLOC_ENABLE (huge pages for large tensors)")
+                    help="CPU memory of the process, for both implementations: keep = glibc keeps freed memory "
+                         "(pointbert.memory, as pointbert's training runs); thp = torch's THP_MEM_ALLOC_ENABLE "
+                         "(huge pages for large tensors)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = ap.parse_args(argv)
     args.batch = args.batch or (8 if args.quick else 32)
@@ -82,8 +85,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import flops, plain  # noqa: E402
 from pointbert import ops  # noqa: E402
 from pointbert.config import Config, preset  # noqa: E402
-from pointbert.engine import build_optimizer, param_groups  # noqa: E402
+from pointbert.engine import build_optimizer  # noqa: E402
 from pointbert.heads import Classifier  # noqa: E402
+from pointbert.memory import keep_freed_memory  # noqa: E402
 from pointbert.mpm import PointBERT  # noqa: E402
 from pointbert.patches import PatchEmbed  # noqa: E402
 from pointbert.tokenizer import DiscreteVAE  # noqa: E402
@@ -174,14 +178,6 @@ class PeakMemory:
             self.mib = (_proc_status_kib("VmHWM") - self.base) / 1024
 
 
-def keep_freed_memory() -> None:
-    """glibc: serve every allocation from the heap and never trim it, so large tensors reuse pages
-    instead of being mapped and zero-filled by the kernel afresh (a process-wide setting)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-4, 0)  # M_MMAP_MAX
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
-
-
 def matmul_gflops(dev: torch.device, dtype: torch.dtype, repeats: int, n: int = 2048) -> float:
     """Median GFLOP/s of an n x n x n matrix product."""
     g = torch.Generator().manual_seed(0)
@@ -258,7 +254,8 @@ def build_pair(case: str, cfg: Config, batch: int, args: argparse.Namespace, dev
                 model = OURS[case](cfg).to(dev)
             else:
                 model = plain.load_ours(plain.build(PLAIN_KIND[case], cfg), models["ours"]).to(dev)
-            run = make_step(case, model, cfg, batch, dev, args.precision)
+            opt = build_optimizer(model, cfg.optim if impl == "ours" else replace(cfg.optim, fused=False))
+            run = make_step(case, model, cfg, batch, dev, args.precision, opt)
             for _ in range(max(1, args.warmup)):
                 run()
             synchronizer(dev)()
@@ -366,10 +363,12 @@ def run_fastpaths(args: argparse.Namespace, dev: torch.device, matmul: float) ->
     out = {}
     variants = {
         "tokenizer": {"split_edges off": dict(split_edges=False), "split_first off": dict(split_first=False),
-                      "split_global off": dict(split_global=False),
+                      "compose_local off": dict(compose_local=False), "split_global off": dict(split_global=False),
                       "all fast paths off": dict(split_edges=False, split_first=False, split_global=False)},
-        "finetune": {"split_global off": dict(split_global=False)},  # fold_bn / chunk_patches: eval only
-        "inference": {"split_global off": dict(split_global=False), "fold_bn off": dict(fold_bn=False),
+        "finetune": {"compose_local off": dict(compose_local=False),
+                     "split_global off": dict(split_global=False)},  # fold_bn / chunk_patches: eval only
+        "inference": {"compose_local off": dict(compose_local=False), "split_global off": dict(split_global=False),
+                      "fold_bn off": dict(fold_bn=False),
                       "chunk_patches off": dict(chunk_patches=0),
                       "all fast paths off": dict(split_global=False, fold_bn=False, chunk_patches=0)},
     }
@@ -381,8 +380,8 @@ def run_fastpaths(args: argparse.Namespace, dev: torch.device, matmul: float) ->
         for name, flags in flag_sets.items():
             runs[name] = lambda flags=flags, model=model, default=default: _with_flags(model, flags, default)
         if case == "finetune":
-            fused = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, fused=True)
-            runs["fused AdamW (option)"] = make_step(case, model, cfg, args.batch, dev, args.precision, fused)
+            loop = build_optimizer(model, replace(cfg.optim, fused=False))
+            runs["AdamW per-tensor loop"] = make_step(case, model, cfg, args.batch, dev, args.precision, loop)
         if args.compile:  # the per-patch and per-token modules; grouping (FPS loop, kNN) stays eager
             t0 = time.perf_counter()
             compiled = copy.deepcopy(model)

@@ -61,6 +61,7 @@ from torch import Tensor, nn
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, OptimConfig, save_yaml
 from .errors import CheckpointError, PointBERTError
+from .memory import keep_freed_memory
 
 __all__ = ["Task", "Context", "fit", "lr_at", "unwrap", "setup_distributed", "param_groups",
            "build_optimizer", "resolve_device", "resolve_precision", "eval_loader", "EpochSampler",
@@ -221,8 +222,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps)
+    """AdamW over the two weight-decay groups. ``cfg.fused``: torch's fused kernel (one pass over all
+    parameters; about 10% of a CPU fine-tuning step saved) where this torch and device have it, else
+    the per-tensor loop the official code uses; both give the same update up to float rounding."""
+    groups = param_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # a device (or torch) without the fused kernel
+            pass
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
@@ -796,6 +806,8 @@ def _setup_context(task: Task, out: Path, device: str | torch.device | None) -> 
     if task.cfg.train.batch_size % (world * task.cfg.train.grad_accum):
         raise TrainingError(f"train.batch_size ({task.cfg.train.batch_size}) must be divisible by processes "
                             f"x train.grad_accum ({world} x {task.cfg.train.grad_accum})")
+    if dev.type == "cpu" and task.cfg.train.keep_memory:
+        keep_freed_memory()
     gen = torch.Generator(device=dev)
     return Context(device=dev, rank=rank, world_size=world, is_main=rank == 0,
                    amp_dtype=resolve_precision(task.cfg.train.precision, dev), generator=gen, out=out,

@@ -50,7 +50,7 @@ class PatchEmbed(nn.Module):
     per-point MLPs are Linear layers over the flattened points (the official Conv1d(k=1) layers, same
     weights up to a trailing unit dimension); BatchNorm sees the same B*G*K samples either way.
 
-    Three fast paths compute the same function (tests/test_speed_paths.py checks them against the plain
+    Four fast paths compute the same function (tests/test_speed_paths.py checks them against the plain
     Conv1d layout); each is an instance attribute that can be switched off:
 
     * ``split_global`` (on): the first layer of ``second_conv`` acts on [g ; f] with g the same for
@@ -58,6 +58,11 @@ class PatchEmbed(nn.Module):
       patch (B*G rows) and added to ``W_f f`` (B*G*K rows). A quarter fewer FLOPs in the module, and
       no (B*G*K, 2*h1) concatenation is built or kept for backward. Parameters are unchanged
       (``second_conv.0.weight`` is still (h2, 2*h1)), so checkpoints and the official importer are too.
+    * ``compose_local`` (on; with ``split_global``): ``W_f f`` is computed from the first conv's
+      hidden activations r (h0 wide) instead of f = W1 r + b1 (h1 wide): ``W_f f = (W_f W1) r + W_f b1``,
+      with the (h2, h0) product formed once per call from the current weights. f itself is still
+      computed, for the max-pool g. A (P*K, h0) @ (h0, h2) product replaces a (P*K, h1) @ (h1, h2) one:
+      half the multiply-adds of that layer with the official widths, forward and backward.
     * ``fold_bn`` (on; eval mode only): each BatchNorm uses its running statistics, so it is an affine
       map folded into the Linear before it (``W * s``, ``(b - mean) * s + beta``, ``s = gamma / sqrt(var +
       eps)``), computed on the fly from the current parameters: no pass over the activations.
@@ -67,9 +72,11 @@ class PatchEmbed(nn.Module):
 
     The max-pools return the values of ``Tensor.max(dim)``, as the official code: backward routes the
     gradient to one arg-max per channel (``amax`` would split it among ties) and keeps only the indices.
+    Without gradients they use ``amax`` (the same values, no indices).
     """
 
     split_global = True
+    compose_local = True
     fold_bn = True
     chunk_patches = 256
 
@@ -106,15 +113,28 @@ class PatchEmbed(nn.Module):
         lin0, bn0, _, lin1 = self.first_conv
         lin2, bn2, _, lin3 = self.second_conv
         w, b = self._fold(lin0, bn0) if fold else (lin0.weight, lin0.bias)
-        f = F.linear(x.reshape(P * K, 3), w, b)
-        f = lin1((f if fold else bn0(f)).relu_()).view(P, K, h1)  # (P, K, h1) per-point features
-        g = f.max(dim=1, keepdim=True)[0]  # (P, 1, h1) patch-global feature
+        r = F.linear(x.reshape(P * K, 3), w, b)
+        r = (r if fold else bn0(r)).relu_()  # (P*K, h0)
+        f = lin1(r).view(P, K, h1)  # (P, K, h1) per-point features
+        g = _max_pool(f, keepdim=True)  # (P, 1, h1) patch-global feature
         w, b = self._fold(lin2, bn2) if fold else (lin2.weight, lin2.bias)
         if self.split_global:
-            h = F.linear(f, w[:, h1:])  # (P, K, h2) = W_f f
-            h += F.linear(g, w[:, :h1], b)  # + (W_g g + b), broadcast over the K points
+            w_g, w_f = w[:, :h1], w[:, h1:]
+            if self.compose_local:  # W_f f = (W_f W1) r + W_f b1
+                h = F.linear(r, w_f @ lin1.weight, w_f @ lin1.bias).view(P, K, -1)
+            else:
+                h = F.linear(f, w_f)  # (P, K, h2) = W_f f
+            h += F.linear(g, w_g, b)  # + (W_g g + b), broadcast over the K points
         else:
             h = F.linear(torch.cat([g.expand(-1, K, -1), f], dim=-1), w, b)  # [global ; local] (P, K, 2*h1)
         h = h.view(P * K, -1)
         f = lin3((h if fold else bn2(h)).relu_()).view(P, K, self.embed_dim)
-        return f.max(dim=1)[0]
+        return _max_pool(f)
+
+
+def _max_pool(x: Tensor, keepdim: bool = False) -> Tensor:
+    """Max over dim 1: ``Tensor.max`` values while gradients flow (one arg-max per channel, as the
+    official code), ``amax`` without (same values, no indices)."""
+    if x.requires_grad:
+        return x.max(dim=1, keepdim=keepdim)[0]
+    return x.amax(dim=1, keepdim=keepdim)

@@ -88,8 +88,12 @@ def edge_conv(block: nn.Sequential, f: Tensor, idx: Tensor) -> Tensor:
 
 
 def _conv_block(in_dim: int, out_dim: int) -> nn.Sequential:
-    """1x1 conv (bias-free) -> GroupNorm(4) -> LeakyReLU(0.2), channel-last."""
-    return nn.Sequential(nn.Linear(in_dim, out_dim, bias=False), GroupNormLast(4, out_dim), nn.LeakyReLU(0.2))
+    """1x1 conv (bias-free) -> GroupNorm(4) -> LeakyReLU(0.2), channel-last.
+
+    The activation works in place on the GroupNorm output (which GroupNorm's backward does not need; a
+    positive slope lets LeakyReLU's backward use its output): the same numbers, one tensor fewer."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim, bias=False), GroupNormLast(4, out_dim),
+                         nn.LeakyReLU(0.2, inplace=True))
 
 
 class DGCNN(nn.Module):
@@ -150,8 +154,10 @@ class FoldingDecoder(nn.Module):
     """
 
     grid_size = 2
-    #: fast path (on): ``final_conv``'s first layer maps the patch feature once per patch, not once per
-    #: fine point (W [f ; s ; a] + b = (W_f f + b) + W_s s + W_a a); equal up to float rounding.
+    #: fast path (on): ``final_conv``'s first layer maps each input once per distinct value, not once
+    #: per fine point: W [f ; s ; a] + b = (W_f f + b) + W_a a + W_s s with the patch feature f once per
+    #: patch, the coarse point a once per coarse point and the seed s once, then one broadcast sum;
+    #: equal up to float rounding.
     split_first = True
 
     def __init__(self, in_dim: int, num_fine: int, hidden: int = 1024, fold_hidden: int = 512):
@@ -179,14 +185,15 @@ class FoldingDecoder(nn.Module):
         folds = self.grid_size**2
         coarse = self.mlp(features).view(B, G, self.num_coarse, 3)
         anchor = coarse.repeat_interleave(folds, dim=2)  # (B, G, num_fine, 3): fine n -> coarse n // 4
-        seed = self.folding_seed.repeat(self.num_coarse, 1).to(features.dtype)  # (num_fine, 2): n -> n % 4
         if self.split_first:
             first = self.final_conv[0]
             w_f, w_s, w_a = first.weight.split([C, 2, 3], dim=1)
-            h = (F.linear(features, w_f, first.bias).unsqueeze(2)  # (B, G, 1, H) once per patch
-                 + F.linear(seed, w_s) + F.linear(anchor, w_a))  # (num_fine, H) + (B, G, num_fine, H)
-            offset = self.final_conv[1:](h.reshape(B * G * self.num_fine, -1))
+            per_coarse = (F.linear(features, w_f, first.bias).unsqueeze(2)  # (B, G, 1, H) once per patch
+                          + F.linear(coarse, w_a))  # (B, G, num_coarse, H) once per coarse point
+            h = per_coarse.unsqueeze(3) + F.linear(self.folding_seed.to(features.dtype), w_s)  # + (folds, H)
+            offset = self.final_conv[1:](h.reshape(B * G * self.num_fine, -1))  # fine n = folds * m + s
         else:
+            seed = self.folding_seed.repeat(self.num_coarse, 1).to(features.dtype)  # (num_fine, 2): n -> n % 4
             x = torch.cat([features.unsqueeze(2).expand(B, G, self.num_fine, C),
                            seed.expand(B, G, self.num_fine, 2), anchor], dim=-1)  # (B, G, num_fine, C+5)
             offset = self.final_conv(x.reshape(B * G * self.num_fine, C + 5))  # BatchNorm over all B*G*num_fine
@@ -282,7 +289,7 @@ class DiscreteVAE(nn.Module):
         """
         neighborhoods, centers = self.group(points)
         logits = self.logits(neighborhoods, centers)  # (B, G, V)
-        soft_one_hot = F.gumbel_softmax(logits, tau=temperature, hard=hard, dim=-1)  # (B, G, V)
+        soft_one_hot = gumbel_softmax(logits, tau=temperature, hard=hard)  # (B, G, V)
         coarse, fine = self.decode(soft_one_hot, centers)
         with torch.no_grad():
             B = points.shape[0]
@@ -302,6 +309,25 @@ class DiscreteVAE(nn.Module):
         recon = (ops.chamfer_l1(out.coarse.reshape(B * G, -1, 3), gt)
                  + ops.chamfer_l1(out.fine.reshape(B * G, -1, 3), gt))
         return recon, kl_to_uniform(out.logits)
+
+
+def gumbel_softmax(logits: Tensor, tau: float = 1.0, hard: bool = False) -> Tensor:
+    """``F.gumbel_softmax(logits, tau, hard, dim=-1)``, bit for bit, with two large tensors instead of six.
+
+    The same noise draws in the same order (``exponential_`` on a fresh tensor, then ``-log``), the same
+    operations in the same order, but in place on the noise tensor; only the softmax output is new (and
+    kept for backward). ``hard``: straight-through one-hot of the arg-max, as ``F.gumbel_softmax``.
+    """
+    noise = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_()
+    z = noise.log_().neg_().add_(logits)  # logits + Gumbel(0, 1); z requires grad through logits
+    if tau != 1.0:
+        z = z.div_(tau)
+    y = z.softmax(dim=-1)
+    if not hard:
+        return y
+    one_hot = torch.zeros_like(logits, memory_format=torch.legacy_contiguous_format)
+    one_hot.scatter_(-1, y.max(dim=-1, keepdim=True)[1], 1.0)
+    return one_hot - y.detach() + y
 
 
 def kl_to_uniform(logits: Tensor) -> Tensor:

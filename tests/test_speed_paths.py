@@ -21,10 +21,11 @@ from pointbert.mpm import PointBERT
 from pointbert.patches import PatchEmbed
 from pointbert.tokenizer import DiscreteVAE
 
-FAST_PATHS = [dict(split_global=True, split_edges=True, split_first=True),
+FAST_PATHS = [dict(split_global=True, compose_local=True, split_edges=True, split_first=True),
+              dict(split_global=True, compose_local=False, split_edges=True, split_first=True),
               dict(split_global=False, split_edges=False, split_first=False)]
-EVAL_PATHS = [dict(fold_bn=f, chunk_patches=c, split_global=s) for f in (True, False) for c in (0, 3)
-              for s in (True, False)]
+EVAL_PATHS = [dict(fold_bn=f, chunk_patches=c, split_global=s, compose_local=s) for f in (True, False)
+              for c in (0, 3) for s in (True, False)]
 
 
 def close(a: Tensor, b: Tensor, rel: float = 1e-4, what: str = "") -> None:
