@@ -45,4 +45,3 @@ def keep_freed_memory() -> bool:
             return False
         _applied = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     return _applied
-

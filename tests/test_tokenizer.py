@@ -18,6 +18,7 @@ from pointbert.tokenizer import (
     FoldingDecoder,
     GroupNormLast,
     edge_features,
+    gumbel_softmax,
     gumbel_temperature,
     kl_to_uniform,
     kl_weight,
@@ -395,3 +396,19 @@ def test_backward_reaches_every_part(tiny):
     for part in ("patch_embed", "dgcnn_1", "codebook", "dgcnn_2", "decoder"):
         grads = [p.grad.abs().sum() for n, p in tiny.named_parameters() if n.startswith(part)]
         assert grads and sum(grads) > 0, part
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+@pytest.mark.parametrize("hard", [False, True])
+def test_gumbel_softmax_is_torch_s_bit_for_bit(tau, hard):
+    """Same noise, same values and same gradients as ``F.gumbel_softmax`` under the same seed."""
+    logits = torch.randn(2, 5, 300, requires_grad=True)
+    weights = torch.randn(2, 5, 300)
+    results = []
+    for fn in (lambda x: F.gumbel_softmax(x, tau=tau, hard=hard, dim=-1), lambda x: gumbel_softmax(x, tau, hard)):
+        torch.manual_seed(7)
+        y = fn(logits)
+        (y * weights).sum().backward()
+        results.append((y.detach(), logits.grad))
+        logits.grad = None
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
