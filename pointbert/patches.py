@@ -120,14 +120,13 @@ class PatchEmbed(nn.Module):
         w, b = self._fold(lin2, bn2) if fold else (lin2.weight, lin2.bias)
         if self.split_global:
             w_g, w_f = w[:, :h1], w[:, h1:]
-            if self.compose_local:  # W_f f = (W_f W1) r + W_f b1, with W_f b1 joining the per-patch bias
-                # matmul (not F.linear + .view): its (P, K, h2) result is no autograd view of a 2-D one,
-                # so the in-place add below needs no CopySlices (a full copy of the gradient in backward)
-                h = torch.matmul(r.view(P, K, -1), (w_f @ lin1.weight).t())
-                b = b + w_f @ lin1.bias
+            if self.compose_local:  # W_f f = (W_f W1) r + W_f b1
+                # added out of place: an in-place add on this view would make backward copy the whole
+                # gradient (CopySlices)
+                h = F.linear(r, w_f @ lin1.weight, w_f @ lin1.bias).view(P, K, -1) + F.linear(g, w_g, b)
             else:
                 h = F.linear(f, w_f)  # (P, K, h2) = W_f f
-            h += F.linear(g, w_g, b)  # + (W_g g + b), broadcast over the K points
+                h += F.linear(g, w_g, b)  # + (W_g g + b), broadcast over the K points
         else:
             h = F.linear(torch.cat([g.expand(-1, K, -1), f], dim=-1), w, b)  # [global ; local] (P, K, 2*h1)
         h = h.view(P * K, -1)
