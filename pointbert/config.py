@@ -163,7 +163,7 @@ class TrainConfig:
     sync_bn: bool = False
     checkpoint_every: int = 200  # also save `last` every this many steps (0: at epoch ends only)
     log_every: int = 10  # steps between metric-log lines
-    keep_memory: bool = True  # CPU, Linux: keep freed memory for reuse (pointbert.memory; tokenizer ~1.7x)
+    keep_memory: bool = True  # CPU, Linux: keep freed memory for reuse (pointbert.memory; fewer page faults)
 
 
 @dataclass

@@ -223,7 +223,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the two weight-decay groups. ``cfg.fused``: torch's fused kernel (one pass over all
-    parameters; about 10% of a CPU fine-tuning step saved) where this torch and device have it, else
+    parameters; 4-10% of a CPU fine-tuning step saved in benchmarks/README.md) where this torch and device have it, else
     the per-tensor loop the official code uses; both give the same update up to float rounding."""
     groups = param_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)

@@ -3,9 +3,9 @@
 By default glibc serves every allocation above 32 MiB with a fresh ``mmap`` and unmaps it on ``free``;
 the kernel then zero-fills the pages one by one on first touch. A training step allocates gigabytes of
 such tensors (the activations of the point-wise MLPs over B*G*K points and their gradients), so on CPU a
-large share of the step goes to page faults: on the 2-core development VM the full-size tokenizer step
-took about 1.15 million minor faults per step and ran at 2.7 samples/s, 5.0 with freed memory kept (see
-benchmarks/README.md). PyTorch has no caching allocator on CPU; the usual advice is to preload jemalloc
+large share of the step goes to page faults: on the 2-core development VM the full-size tokenizer step at
+batch 32 took about 1.15 million minor faults and 10.0-10.4 s per step, 0-1 faults and 5.8-6.0 s with freed
+memory kept (benchmarks/README.md). PyTorch has no caching allocator on CPU; the usual advice is to preload jemalloc
 or tcmalloc. :func:`keep_freed_memory` gets the same effect from glibc itself, at run time.
 
 :func:`pointbert.engine.fit` applies it on CPU unless ``train.keep_memory=false``; the cost is that the

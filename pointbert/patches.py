@@ -100,30 +100,42 @@ class PatchEmbed(nn.Module):
         B, G, K, _ = neighborhoods.shape
         bn0, bn2 = self.first_conv[1], self.second_conv[1]
         fold = self.fold_bn and not self.training and _foldable(bn0) and _foldable(bn2)
+        weights = self._weights(fold)  # once per call, shared by the chunks
         x = neighborhoods.reshape(B * G, K, 3)
         chunk = self.chunk_patches if fold and x.device.type == "cpu" else 0  # folded: a map per patch
         if chunk and B * G > chunk:
-            return torch.cat([self._embed(c, fold) for c in x.split(chunk)]).view(B, G, -1)
-        return self._embed(x, fold).view(B, G, -1)
+            return torch.cat([self._embed(c, fold, weights) for c in x.split(chunk)]).view(B, G, -1)
+        return self._embed(x, fold, weights).view(B, G, -1)
 
-    def _embed(self, x: Tensor, fold: bool) -> Tensor:
-        """(P, K, 3) patches -> (P, embed_dim)."""
+    def _weights(self, fold: bool) -> tuple[Tensor, ...]:
+        """(W0, b0, W2, b2, W_f W1, W_f b1): the first and third Linear, BatchNorm folded in with ``fold``;
+        the last two only with ``split_global`` and ``compose_local`` (else None)."""
+        lin0, bn0, _, lin1 = self.first_conv
+        lin2, bn2, _, _ = self.second_conv
+        w0, b0 = self._fold(lin0, bn0) if fold else (lin0.weight, lin0.bias)
+        w2, b2 = self._fold(lin2, bn2) if fold else (lin2.weight, lin2.bias)
+        if not (self.split_global and self.compose_local):
+            return w0, b0, w2, b2, None, None
+        w_f = w2[:, self.local_dim:]
+        return w0, b0, w2, b2, w_f @ lin1.weight, w_f @ lin1.bias
+
+    def _embed(self, x: Tensor, fold: bool, weights: tuple[Tensor, ...]) -> Tensor:
+        """(P, K, 3) patches -> (P, embed_dim), with :meth:`_weights`."""
         P, K, _ = x.shape
         h1 = self.local_dim
-        lin0, bn0, _, lin1 = self.first_conv
-        lin2, bn2, _, lin3 = self.second_conv
-        w, b = self._fold(lin0, bn0) if fold else (lin0.weight, lin0.bias)
-        r = F.linear(x.reshape(P * K, 3), w, b)
+        _, bn0, _, lin1 = self.first_conv
+        _, bn2, _, lin3 = self.second_conv
+        w0, b0, w, b, w_composed, b_composed = weights
+        r = F.linear(x.reshape(P * K, 3), w0, b0)
         r = (r if fold else bn0(r)).relu_()  # (P*K, h0)
         f = lin1(r).view(P, K, h1)  # (P, K, h1) per-point features
         g = _max_pool(f, keepdim=True)  # (P, 1, h1) patch-global feature
-        w, b = self._fold(lin2, bn2) if fold else (lin2.weight, lin2.bias)
         if self.split_global:
             w_g, w_f = w[:, :h1], w[:, h1:]
-            if self.compose_local:  # W_f f = (W_f W1) r + W_f b1
+            if w_composed is not None:  # W_f f = (W_f W1) r + W_f b1
                 # added out of place: an in-place add on this view would make backward copy the whole
                 # gradient (CopySlices)
-                h = F.linear(r, w_f @ lin1.weight, w_f @ lin1.bias).view(P, K, -1) + F.linear(g, w_g, b)
+                h = F.linear(r, w_composed, b_composed).view(P, K, -1) + F.linear(g, w_g, b)
             else:
                 h = F.linear(f, w_f)  # (P, K, h2) = W_f f
                 h += F.linear(g, w_g, b)  # + (W_g g + b), broadcast over the K points

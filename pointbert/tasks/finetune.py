@@ -375,7 +375,7 @@ def evaluate_command(args: Any) -> int:
              ("mean class accuracy", f"{metrics['mean_class_acc']:.2f} %")]
     if args.vote:
         vote = vote_accuracy(model, test, cfg, device, seed=args.seed, batch_size=batch_size,
-                          amp_dtype=amp_dtype)
+                             amp_dtype=amp_dtype)
         rows += [(f"vote accuracy, max of {cfg.train.vote_repeats}", f"{vote['vote_acc']:.2f} %"),
                  (f"vote accuracy, mean of {cfg.train.vote_repeats}", f"{vote['vote_acc_mean']:.2f} %"),
                  ("", f"({cfg.train.vote_views} views of {cfg.data.num_points} points from FPS "
