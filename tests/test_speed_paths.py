@@ -176,7 +176,7 @@ def twins(kind: str, model_cls: type, flags: dict) -> tuple:
     """(cfg, ours, the plain twin with our weights), both in training mode, from the ``small`` tiny preset."""
     cfg = small(f"tiny-{kind}")
     torch.manual_seed(0)
-    ours = flagged(model_cls(cfg), **flags).train()
+    ours = flagged(model_cls(cfg), uniform_noise=False, **flags).train()  # the plain twin's Gumbel draws
     return cfg, ours, plain.load_ours(plain.build(kind, cfg), ours).train()
 
 

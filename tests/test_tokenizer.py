@@ -412,3 +412,46 @@ def test_gumbel_softmax_is_torch_s_bit_for_bit(tau, hard):
         results.append((y.detach(), logits.grad))
         logits.grad = None
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_uniform_gumbel_noise_has_the_gumbel_distribution():
+    """noise="uniform": arg-max frequencies of logits + noise are softmax(logits) (the Gumbel-max
+    property), and the relaxed sample's mean over many draws is E[softmax(logits + G)] as with torch's."""
+    torch.manual_seed(0)
+    logits = torch.tensor([0.0, 1.0, -1.0, 2.0, 0.5])
+    n = 200_000
+    freq = gumbel_softmax(logits.expand(n, 5), hard=True, noise="uniform").mean(0)
+    p = logits.softmax(-1)
+    assert (freq - p).abs().max() < 4 * (p * (1 - p) / n).sqrt().max()  # within 4 standard errors
+    soft = [gumbel_softmax(logits.expand(n, 5), tau=0.7, noise=kind).mean(0) for kind in ("uniform", "exponential")]
+    assert (soft[0] - soft[1]).abs().max() < 0.005
+
+
+def test_uniform_gumbel_noise_is_finite_at_the_ends_of_the_uniform_draws(monkeypatch):
+    """U = 0 (possible from torch.rand) and the largest U below 1 give finite samples."""
+    top = 1 - torch.finfo(torch.float32).eps / 2
+    for u in (0.0, top):
+        monkeypatch.setattr(torch, "rand_like", lambda x, u=u, **kw: torch.full_like(x, u))
+        logits = torch.zeros(2, 3, 7, requires_grad=True)
+        y = gumbel_softmax(logits, tau=0.5, noise="uniform")
+        y.sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(logits.grad).all()
+        assert torch.allclose(y, torch.full_like(y, 1 / 7))
+    with pytest.raises(ValueError, match="noise"):
+        gumbel_softmax(logits, noise="normal")
+
+
+def test_tokenizer_uses_uniform_noise_by_default_and_torch_s_when_switched_off(tiny):
+    """The default draws differ from F.gumbel_softmax's; uniform_noise=False reproduces them bit for bit."""
+    pts = clouds(2, 256)
+    tiny.train()
+    outs = {}
+    for flag in (True, False):
+        tiny.uniform_noise = flag
+        torch.manual_seed(3)
+        outs[flag] = tiny(pts).soft_one_hot
+    del tiny.uniform_noise
+    logits = tiny.logits(*tiny.group(pts))
+    torch.manual_seed(3)
+    assert torch.equal(outs[False], F.gumbel_softmax(logits, tau=1.0, dim=-1))
+    assert not torch.allclose(outs[True], outs[False])
