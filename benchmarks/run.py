@@ -52,7 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
     ap.add_argument("--batch", type=int, default=None, help="clouds per step (default 32; 8 with --quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per case (default 1)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed steps per case (default 3, 1 with --quick; with --allocator keep the heap "
+                         "stops growing, and so taking page faults, after about 3 steps)")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 5; 2 with --quick)")
     ap.add_argument("--sections", default="ops,steps,fastpaths,scaling")
     ap.add_argument("--steps", default="tokenizer,pretrain,finetune,inference", help="cases of the steps section")
@@ -67,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.batch = args.batch or (8 if args.quick else 32)
     args.scaling_batch = args.scaling_batch or args.batch
-    args.warmup = 1 if args.warmup is None else args.warmup
+    args.warmup = (1 if args.quick else 3) if args.warmup is None else args.warmup
     args.repeats = args.repeats or (2 if args.quick else 5)
     return args
 
