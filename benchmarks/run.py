@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "stops growing, and so taking page faults, after about 3 steps)")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 5; 2 with --quick)")
     ap.add_argument("--sections", default="ops,steps,fastpaths,scaling")
-    ap.add_argument("--steps", default="tokenizer,pretrain,finetune,inference", help="cases of the steps section")
+    ap.add_argument("--steps", default="tokenizer,pretrain,finetune,inference",
+                    help="cases of the steps section (and of the fastpaths section: tokenizer, finetune, inference)")
     ap.add_argument("--scaling-batch", type=int, default=None, help="batch of the scaling table (default --batch)")
     ap.add_argument("--no-plain", action="store_true", help="time pointbert only")
     ap.add_argument("--compile", action="store_true", help="add torch.compile variants to the fastpaths section")
@@ -377,6 +378,8 @@ def run_fastpaths(args: argparse.Namespace, dev: torch.device, matmul: float) ->
                       "all fast paths off": dict(split_global=False, fold_bn=False, chunk_patches=0)},
     }
     for case, flag_sets in variants.items():
+        if case not in args.steps.split(","):
+            continue
         cfg = preset(CASE_PRESET[case])
         models, runs, _ = build_pair(case, cfg, args.batch, args, dev, with_plain=False, step_memory=False)
         model, default = models["ours"], runs["ours"]
@@ -520,7 +523,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     n = 512 if dtype == torch.bfloat16 and dev.type == "cpu" else 2048  # CPUs without bf16 units: ~1 GFLOP/s
     matmul = matmul_gflops(dev, dtype, 3 if args.quick else 5, n)
     info.update(matmul_gflops=matmul, matmul_dtype=str(dtype).removeprefix("torch."), matmul_n=n)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings = {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()}  # no paths of the machine
     print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs, {info['torch_threads']} torch threads)"
           + (f", {info['gpu']}" if "gpu" in info else "")
           + f"; torch {info['torch']}, numpy {info['numpy']}, python {info['python']}")
