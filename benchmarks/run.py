@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--batch 32]
                              [--threads N] [--out results.json] [--sections ops,steps,fastpaths,scaling]
-                             [--no-plain] [--compile] [--allocator default|keep|thp]
+                             [--no-plain] [--compile] [--allocator default|keep|thp] [--peak-tflops X]
 
 Sections (benchmarks/README.md explains every number):
 
@@ -10,7 +10,8 @@ Sections (benchmarks/README.md explains every number):
 2. ``ops``: FPS, kNN and Chamfer alone, pointbert.ops vs the plain stand-ins;
 3. ``steps``: tokenizer (dVAE) step, pre-training step, fine-tuning step and classification inference
    for the full-size presets: samples/s (median, min, max over repeats run alternately for both
-   implementations), model GFLOP/s and its share of the matmul, peak memory, and ours / plain;
+   implementations), model GFLOP/s and its share of the matmul (and of a GPU's stated peak), peak memory,
+   the share of grouping (FPS + kNN) in the step, and ours / plain;
 4. ``fastpaths``: the tokenizer and fine-tuning steps and inference with each of pointbert's fast paths
    switched off (the fine-tuning step also with the official per-tensor AdamW loop instead of the fused
    kernel), plus ``torch.compile`` with ``--compile``;
@@ -41,6 +42,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"finetune": 1.4, "inference": 1.3, "tokenizer": 2.0, "pretrain": 1.5}  # ours / plain, issue 6
 MATMUL_SHARE_TARGET = 0.75  # fine-tuning step model GFLOP/s / matmul GFLOP/s
+#: stated dense peak TFLOP/s (fp32 without tensor cores, bf16 tensor cores, no sparsity) of the cards
+#: the benchmark has met, from NVIDIA's data sheets, by a substring of torch.cuda.get_device_name;
+#: others: --peak-tflops
+PEAK_TFLOPS = {"H100 PCIe": {"fp32": 51.2, "bf16": 756.0}, "H100": {"fp32": 66.9, "bf16": 989.4},
+               "H200": {"fp32": 66.9, "bf16": 989.4}, "A100": {"fp32": 19.5, "bf16": 312.0}}
 CASE_PRESET = {"tokenizer": "tokenizer", "pretrain": "pretrain", "finetune": "modelnet40-1k",
                "inference": "modelnet40-1k"}
 
@@ -61,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="cases of the steps section (and of the fastpaths section: tokenizer, finetune, inference)")
     ap.add_argument("--scaling-batch", type=int, default=None, help="batch of the scaling table (default --batch)")
     ap.add_argument("--no-plain", action="store_true", help="time pointbert only")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's stated peak TFLOP/s at --precision, for the 'of peak' column "
+                         "(known NVIDIA cards are looked up by name)")
     ap.add_argument("--compile", action="store_true", help="add torch.compile variants to the fastpaths section")
     ap.add_argument("--allocator", default="default", choices=["default", "keep", "thp"],
                     help="CPU memory of the process, for both implementations: keep = glibc keeps freed memory "
@@ -92,7 +101,7 @@ from pointbert.engine import build_optimizer  # noqa: E402
 from pointbert.heads import Classifier  # noqa: E402
 from pointbert.memory import keep_freed_memory  # noqa: E402
 from pointbert.mpm import PointBERT  # noqa: E402
-from pointbert.patches import PatchEmbed  # noqa: E402
+from pointbert.patches import PatchEmbed, group  # noqa: E402
 from pointbert.tokenizer import DiscreteVAE  # noqa: E402
 from pointbert.transformer import Block  # noqa: E402
 
@@ -271,11 +280,30 @@ def build_pair(case: str, cfg: Config, batch: int, args: argparse.Namespace, dev
     return models, runs, memory
 
 
-def step_row(case: str, cfg: Config, times: list[float], batch: int, matmul: float) -> dict[str, Any]:
+def step_row(case: str, cfg: Config, times: list[float], batch: int, matmul: float,
+             peak_tflops: float | None = None) -> dict[str, Any]:
     st = rate_stats(times, batch)
     gflop = flops.step(cfg, case) / 1e9
     st.update(model_gflop_per_cloud=gflop, gflops=gflop * st["median"], matmul_share=gflop * st["median"] / matmul)
+    if peak_tflops:
+        st["peak_share"] = gflop * st["median"] / (peak_tflops * 1e3)  # model FLOP utilisation
     return st
+
+
+def peak_tflops(info: dict[str, Any], args: argparse.Namespace) -> float | None:
+    """--peak-tflops, else the stated peak of a known card at --precision, else None (CPUs)."""
+    if args.peak_tflops:
+        return args.peak_tflops
+    name = info.get("gpu", "")
+    return next((p[args.precision] for k, p in PEAK_TFLOPS.items() if k in name), None)
+
+
+def grouping_seconds(cfg: Config, batch: int, dev: torch.device, repeats: int) -> float:
+    """Median seconds of one grouping (FPS of the centers + kNN) of a batch, as every model does per forward."""
+    pts = (torch.rand(batch, cfg.data.num_points, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(dev)
+    run = torch.no_grad()(lambda: group(pts, cfg.patches.num_patches, cfg.patches.patch_size))
+    run()
+    return statistics.median(interleaved({"group": run}, repeats, synchronizer(dev))["group"])
 
 
 def run_steps(args: argparse.Namespace, dev: torch.device, matmul: float) -> dict[str, Any]:
@@ -286,8 +314,9 @@ def run_steps(args: argparse.Namespace, dev: torch.device, matmul: float) -> dic
         step_memory = not args.quick or case in ("finetune", "inference")  # --quick: the memory target's cases
         models, runs, memory = build_pair(case, cfg, args.batch, args, dev, not args.no_plain, step_memory)
         times = interleaved(runs, args.repeats, synchronizer(dev))
-        res = {impl: dict(step_row(case, cfg, times[impl], args.batch, matmul), step_mib=memory["step"].get(impl),
-                          footprint_mib=memory["footprint"][impl]) for impl in runs}
+        res = {impl: dict(step_row(case, cfg, times[impl], args.batch, matmul, args.peak),
+                          step_mib=memory["step"].get(impl), footprint_mib=memory["footprint"][impl]) for impl in runs}
+        res["ours"]["grouping_share"] = grouping_seconds(cfg, args.batch, dev, args.repeats) / res["ours"]["seconds"]
         if "plain" in res:
             res["ratio"] = res["ours"]["median"] / res["plain"]["median"]
             res["ratio_min_max"] = [min(tp / to for tp, to in zip(times["plain"], times["ours"])),
@@ -430,7 +459,7 @@ def run_scaling(args: argparse.Namespace, dev: torch.device, matmul: float) -> d
         for case in ("finetune", "inference"):
             _, runs, memory = build_pair(case, cfg, args.scaling_batch, args, dev, with_plain=False, step_memory=False)
             res = step_row(case, cfg, interleaved(runs, repeats, synchronizer(dev))["ours"], args.scaling_batch,
-                           matmul)
+                           matmul, args.peak)
             res["footprint_mib"] = memory["footprint"]["ours"]
             out[f"{name} {case}"] = res
             first = out[f"modelnet40-1k {case}"]
@@ -478,14 +507,17 @@ def print_step(case: str, res: dict[str, Any]) -> None:
     for impl in ("ours", "plain"):
         if impl in res:
             r = res[impl]
-            rows.append([impl, r["median"], r["min"], r["max"], r["gflops"], f"{r['matmul_share']:.0%}",
-                         r["step_mib"], r["footprint_mib"]])
+            rows.append([impl, r["median"], r["min"], r["max"], r["gflops"], f"{r['matmul_share']:.0%}"]
+                        + ([f"{r['peak_share']:.1%}"] if "peak_share" in r else [])
+                        + [r["step_mib"], r["footprint_mib"]])
     ratio = ""
     if "ratio" in res:
         lo, hi = res["ratio_min_max"]
         ratio = f"; ours/plain {res['ratio']:.2f}x (per repeat {lo:.2f}-{hi:.2f})"
-    print_table(f"{case} step: {res['ours']['model_gflop_per_cloud']:.2f} model GFLOP per cloud{ratio}",
-                ["impl", "samples/s", "min", "max", "GFLOP/s", "of matmul", "step MiB", "footprint MiB"], rows)
+    peak = ["of peak"] if "peak_share" in res["ours"] else []
+    print_table(f"{case} step: {res['ours']['model_gflop_per_cloud']:.2f} model GFLOP per cloud{ratio}; "
+                f"grouping (FPS + kNN) {res['ours']['grouping_share']:.1%} of ours",
+                ["impl", "samples/s", "min", "max", "GFLOP/s", "of matmul", *peak, "step MiB", "footprint MiB"], rows)
 
 
 def print_targets(results: dict[str, Any]) -> None:
@@ -523,12 +555,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     n = 512 if dtype == torch.bfloat16 and dev.type == "cpu" else 2048  # CPUs without bf16 units: ~1 GFLOP/s
     matmul = matmul_gflops(dev, dtype, 3 if args.quick else 5, n)
     info.update(matmul_gflops=matmul, matmul_dtype=str(dtype).removeprefix("torch."), matmul_n=n)
+    args.peak = info["peak_tflops"] = peak_tflops(info, args)
     settings = {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()}  # no paths of the machine
     print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs, {info['torch_threads']} torch threads)"
           + (f", {info['gpu']}" if "gpu" in info else "")
           + f"; torch {info['torch']}, numpy {info['numpy']}, python {info['python']}")
     print(f"settings: batch {args.batch}, {args.precision}, warm-up {args.warmup}, repeats {args.repeats}, "
-          f"allocator {args.allocator}; matmul {n}^3 {info['matmul_dtype']}: {matmul:.1f} GFLOP/s")
+          f"allocator {args.allocator}; matmul {n}^3 {info['matmul_dtype']}: {matmul:.1f} GFLOP/s"
+          + (f"; stated peak {args.peak:.1f} TFLOP/s" if args.peak else ""))
     results: dict[str, Any] = {"machine": info, "settings": settings}
     sections = args.sections.split(",")
     if "ops" in sections:
