@@ -113,6 +113,37 @@ def test_patch_embed_train_matches_plain(flags):
             close(v, ref.state_dict()[k])
 
 
+def test_patch_embed_backward_copies_no_gradient():
+    """No in-place operation on a view in the training graph: its backward (CopySlices) would clone
+    the whole (P*K, h2) gradient."""
+    nodes, todo = set(), [PatchEmbed(64, (32, 48, 80)).train()(torch.randn(2, 3, 16, 3)).sum().grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in nodes:
+            nodes.add(fn)
+            todo += [f for f, _ in fn.next_functions]
+    names = {type(fn).__name__ for fn in nodes}
+    assert "AddmmBackward0" in names and "CopySlices" not in names
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 16), (2, 3, 1), (1, 2, 1)])
+def test_patch_embed_matches_plain_with_one_patch_or_one_point(shape):
+    """P = 1 or K = 1: the per-patch term's copy would be a view of it; the fast paths stay exact."""
+    torch.manual_seed(4)
+    ours = PatchEmbed(64, (32, 48, 80))
+    perturb_batchnorm(ours)
+    ref = plain.load_ours(plain.PatchEmbed(64, (32, 48, 80)), ours)
+    nb = torch.randn(*shape, 3)
+    for train in (True, False):
+        ours.train(train), ref.train(train)
+        w = torch.randn(*shape[:2], 64)
+        ours.zero_grad(), ref.zero_grad()
+        (ours(nb) * w).sum().backward()
+        (ref(nb) * w).sum().backward()
+        close(ours(nb).detach(), ref(nb).detach(), 1e-5)
+        same_grads(ours, ref)
+
+
 @pytest.mark.parametrize("flags", EVAL_PATHS)
 def test_patch_embed_eval_matches_plain(flags):
     """Eval mode (running statistics), with folding and chunking on and off, gradients included."""
