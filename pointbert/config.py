@@ -73,6 +73,9 @@ class TokenizerConfig:
     kl_weight: float = 0.1
     kl_delay: int = 10_000
     kl_steps: int = 100_000
+    # Gumbel noise of the relaxed sample: "uniform" = -log(-log U) from torch.rand (same distribution,
+    # faster on CPU); "exponential" = F.gumbel_softmax's exponential_ draws (the official code's numbers)
+    gumbel_noise: str = "uniform"
 
 
 @dataclass
@@ -546,6 +549,8 @@ def validate(cfg: Config) -> Config:
          f"tokenizer.dgcnn_k ({t.dgcnn_k}) must not exceed patches.num_patches ({p.num_patches})")
     need(p.patch_size % 4 == 0, f"patches.patch_size ({p.patch_size}) must be a multiple of 4 "
          "(the folding decoder makes 4 fine points per coarse point)")
+    need(t.gumbel_noise in ("uniform", "exponential"),
+         f"tokenizer.gumbel_noise must be uniform or exponential, got {t.gumbel_noise!r}")
     lo, hi = m.mask_ratio
     need(0 <= lo <= hi < 1, f"mpm.mask_ratio must satisfy 0 <= lo <= hi < 1, got {list(m.mask_ratio)}")
     need(m.mask_type in ("block", "random"), f"mpm.mask_type must be block or random, got {m.mask_type!r}")

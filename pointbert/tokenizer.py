@@ -227,9 +227,10 @@ class DiscreteVAE(nn.Module):
     ``patch_embed.`` and squeezing the trailing unit dimensions of the conv weights.
     """
 
-    #: fast path (on): Gumbel noise as -log(-log U) from ``torch.rand`` (:func:`gumbel_softmax`,
-    #: ``noise="uniform"``): the same distribution, 0.3 s less per full-size step at batch 32 on 2 CPU
-    #: cores; off = ``F.gumbel_softmax``'s ``exponential_`` draws, bit for bit (same seed, same sample).
+    #: fast path (on unless ``tokenizer.gumbel_noise="exponential"``): Gumbel noise as -log(-log U) from
+    #: ``torch.rand`` (:func:`gumbel_softmax`, ``noise="uniform"``): the same distribution, 0.35 s less per
+    #: full-size step at batch 32 on 2 CPU cores; off = ``F.gumbel_softmax``'s ``exponential_`` draws, bit
+    #: for bit (same seed, same sample).
     uniform_noise = True
 
     def __init__(self, cfg: Config | None = None):
@@ -244,6 +245,8 @@ class DiscreteVAE(nn.Module):
         self.dgcnn_2 = DGCNN(t.token_dim, t.decoder_dim, k=t.dgcnn_k, dims=t.dgcnn_dims)
         self.decoder = FoldingDecoder(t.decoder_dim, num_fine=p.patch_size, hidden=t.decoder_hidden,
                                       fold_hidden=t.fold_hidden)
+        if t.gumbel_noise == "exponential":
+            self.uniform_noise = False
 
     def group(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """points (B, N, 3) -> neighborhoods (B, G, K, 3) local, centers (B, G, 3)."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pointbert import ops
-from pointbert.config import Config, preset
+from pointbert.config import Config, ConfigError, preset, validate
 from pointbert.tokenizer import (
     DGCNN,
     DiscreteVAE,
@@ -455,3 +455,14 @@ def test_tokenizer_uses_uniform_noise_by_default_and_torch_s_when_switched_off(t
     torch.manual_seed(3)
     assert torch.equal(outs[False], F.gumbel_softmax(logits, tau=1.0, dim=-1))
     assert not torch.allclose(outs[True], outs[False])
+
+
+def test_gumbel_noise_config_key():
+    """tokenizer.gumbel_noise=exponential switches the fast noise off; other values are refused."""
+    cfg = preset("tiny-tokenizer")
+    assert DiscreteVAE(cfg).uniform_noise
+    cfg.tokenizer.gumbel_noise = "exponential"
+    assert not DiscreteVAE(validate(cfg)).uniform_noise
+    cfg.tokenizer.gumbel_noise = "normal"
+    with pytest.raises(ConfigError, match="tokenizer.gumbel_noise"):
+        validate(cfg)
