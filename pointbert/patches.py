@@ -133,11 +133,9 @@ class PatchEmbed(nn.Module):
         if self.split_global:
             w_g, w_f = w[:, :h1], w[:, h1:]
             if w_composed is not None:  # W_f f = (W_f W1) r + W_f b1
-                # the per-patch term W_g g + b + W_f b1 copied to every point, then the per-point product
-                # accumulated into it in place: no separate pass for the sum. The copy must be a tensor of
-                # its own, not a view (in place on a view, backward copies the whole gradient: CopySlices)
-                h = F.linear(g, w_g, b + b_composed).expand(P, K, -1).reshape(P * K, -1)  # copies if P, K > 1
-                h = (h.clone() if h._is_view() else h).addmm_(r, w_composed.t())
+                # added out of place: an in-place add on this view would make backward copy the whole
+                # gradient (CopySlices)
+                h = F.linear(r, w_composed, b_composed).view(P, K, -1) + F.linear(g, w_g, b)
             else:
                 h = F.linear(f, w_f)  # (P, K, h2) = W_f f
                 h += F.linear(g, w_g, b)  # + (W_g g + b), broadcast over the K points

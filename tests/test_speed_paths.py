@@ -128,7 +128,7 @@ def test_patch_embed_backward_copies_no_gradient():
 
 @pytest.mark.parametrize("shape", [(1, 1, 16), (2, 3, 1), (1, 2, 1)])
 def test_patch_embed_matches_plain_with_one_patch_or_one_point(shape):
-    """P = 1 or K = 1: the per-patch term's copy would be a view of it; the fast paths stay exact."""
+    """P = 1 or K = 1 (degenerate broadcasts and views): the fast paths stay exact, train and eval."""
     torch.manual_seed(4)
     ours = PatchEmbed(64, (32, 48, 80))
     perturb_batchnorm(ours)
