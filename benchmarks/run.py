@@ -18,7 +18,8 @@ Sections (benchmarks/README.md explains every number):
 5. ``scaling``: fine-tuning step and inference at 1k/2k/4k/8k points with 64/128/256/512 patches.
 
 ``--quick`` (under 2 minutes on 2 cores): batch 8 unless ``--batch`` is given, 1 warm-up and 2 repeats,
-no 8k cases, step memory only for fine-tuning and inference. The whole output also goes to ``--out`` as JSON.
+no 4k/8k cases, no tokenizer fast-path variants, step memory only for fine-tuning and inference. The whole
+output also goes to ``--out`` as JSON.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ CASE_PRESET = {"tokenizer": "tokenizer", "pretrain": "pretrain", "finetune": "mo
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="batch 8, 1 warm-up, 2 repeats, no 8k cases")
+    ap.add_argument("--quick", action="store_true",
+                    help="batch 8, 1 warm-up, 2 repeats, no 4k/8k cases, no tokenizer fast-path variants")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast")
     ap.add_argument("--batch", type=int, default=None, help="clouds per step (default 32; 8 with --quick)")
@@ -407,7 +409,7 @@ def run_fastpaths(args: argparse.Namespace, dev: torch.device, matmul: float) ->
                       "all fast paths off": dict(split_global=False, fold_bn=False, chunk_patches=0)},
     }
     for case, flag_sets in variants.items():
-        if case not in args.steps.split(","):
+        if case not in args.steps.split(",") or (args.quick and case == "tokenizer"):
             continue
         cfg = preset(CASE_PRESET[case])
         models, runs, _ = build_pair(case, cfg, args.batch, args, dev, with_plain=False, step_memory=False)
@@ -452,7 +454,7 @@ def _with_flags(model: nn.Module, flags: dict[str, Any], run: Callable[[], None]
 
 def run_scaling(args: argparse.Namespace, dev: torch.device, matmul: float) -> dict[str, Any]:
     out, rows = {}, []
-    names = ["modelnet40-1k", "modelnet40-2k", "modelnet40-4k"] + ([] if args.quick else ["modelnet40-8k"])
+    names = ["modelnet40-1k", "modelnet40-2k"] + ([] if args.quick else ["modelnet40-4k", "modelnet40-8k"])
     repeats = 1 if args.quick else max(2, args.repeats // 2)
     for name in names:
         cfg = preset(name)
