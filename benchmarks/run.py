@@ -214,11 +214,16 @@ def autocast(dev: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def random_clouds(cfg: Config, batch: int, dev: torch.device, g: torch.Generator) -> torch.Tensor:
+    """The benchmark's input: (batch, num_points, 3) uniform in [-1, 1]^3, drawn from ``g``."""
+    return (torch.rand(batch, cfg.data.num_points, 3, generator=g) * 2 - 1).to(dev)
+
+
 def make_step(case: str, model: nn.Module, cfg: Config, batch: int, dev: torch.device, precision: str,
               optimizer: torch.optim.Optimizer | None = None) -> Callable[[], None]:
     """One benchmark step of ``case`` on fixed random clouds (B, N, 3) in [-1, 1]^3."""
     g = torch.Generator().manual_seed(1)
-    pts = (torch.rand(batch, cfg.data.num_points, 3, generator=g) * 2 - 1).to(dev)
+    pts = random_clouds(cfg, batch, dev, g)
     if case == "inference":
         model.eval()
 
@@ -302,7 +307,7 @@ def peak_tflops(info: dict[str, Any], args: argparse.Namespace) -> float | None:
 
 def grouping_seconds(cfg: Config, batch: int, dev: torch.device, repeats: int) -> float:
     """Median seconds of one grouping (FPS of the centers + kNN) of a batch, as every model does per forward."""
-    pts = (torch.rand(batch, cfg.data.num_points, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1).to(dev)
+    pts = random_clouds(cfg, batch, dev, torch.Generator().manual_seed(1))  # the steps' clouds
     run = torch.no_grad()(lambda: group(pts, cfg.patches.num_patches, cfg.patches.patch_size))
     run()
     return statistics.median(interleaved({"group": run}, repeats, synchronizer(dev))["group"])
@@ -316,7 +321,7 @@ def run_steps(args: argparse.Namespace, dev: torch.device, matmul: float) -> dic
         step_memory = not args.quick or case in ("finetune", "inference")  # --quick: the memory target's cases
         models, runs, memory = build_pair(case, cfg, args.batch, args, dev, not args.no_plain, step_memory)
         times = interleaved(runs, args.repeats, synchronizer(dev))
-        res = {impl: dict(step_row(case, cfg, times[impl], args.batch, matmul, args.peak),
+        res = {impl: dict(step_row(case, cfg, times[impl], args.batch, matmul, args.peak_tflops),
                           step_mib=memory["step"].get(impl), footprint_mib=memory["footprint"][impl]) for impl in runs}
         res["ours"]["grouping_share"] = grouping_seconds(cfg, args.batch, dev, args.repeats) / res["ours"]["seconds"]
         if "plain" in res:
@@ -461,7 +466,7 @@ def run_scaling(args: argparse.Namespace, dev: torch.device, matmul: float) -> d
         for case in ("finetune", "inference"):
             _, runs, memory = build_pair(case, cfg, args.scaling_batch, args, dev, with_plain=False, step_memory=False)
             res = step_row(case, cfg, interleaved(runs, repeats, synchronizer(dev))["ours"], args.scaling_batch,
-                           matmul, args.peak)
+                           matmul, args.peak_tflops)
             res["footprint_mib"] = memory["footprint"]["ours"]
             out[f"{name} {case}"] = res
             first = out[f"modelnet40-1k {case}"]
@@ -557,14 +562,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     n = 512 if dtype == torch.bfloat16 and dev.type == "cpu" else 2048  # CPUs without bf16 units: ~1 GFLOP/s
     matmul = matmul_gflops(dev, dtype, 3 if args.quick else 5, n)
     info.update(matmul_gflops=matmul, matmul_dtype=str(dtype).removeprefix("torch."), matmul_n=n)
-    args.peak = info["peak_tflops"] = peak_tflops(info, args)
+    args.peak_tflops = info["peak_tflops"] = peak_tflops(info, args)  # given, or the card's stated peak
     settings = {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()}  # no paths of the machine
     print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs, {info['torch_threads']} torch threads)"
           + (f", {info['gpu']}" if "gpu" in info else "")
           + f"; torch {info['torch']}, numpy {info['numpy']}, python {info['python']}")
     print(f"settings: batch {args.batch}, {args.precision}, warm-up {args.warmup}, repeats {args.repeats}, "
           f"allocator {args.allocator}; matmul {n}^3 {info['matmul_dtype']}: {matmul:.1f} GFLOP/s"
-          + (f"; stated peak {args.peak:.1f} TFLOP/s" if args.peak else ""))
+          + (f"; stated peak {args.peak_tflops:.1f} TFLOP/s" if args.peak_tflops else ""))
     results: dict[str, Any] = {"machine": info, "settings": settings}
     sections = args.sections.split(",")
     if "ops" in sections:
