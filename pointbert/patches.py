@@ -62,7 +62,10 @@ class PatchEmbed(nn.Module):
       hidden activations r (h0 wide) instead of f = W1 r + b1 (h1 wide): ``W_f f = (W_f W1) r + W_f b1``,
       with the (h2, h0) product formed once per call from the current weights. f itself is still
       computed, for the max-pool g. A (P*K, h0) @ (h0, h2) product replaces a (P*K, h1) @ (h1, h2) one:
-      half the multiply-adds of that layer with the official widths, forward and backward.
+      half the multiply-adds of that layer with the official widths, forward and backward. Without
+      autograd the sum is not a separate pass: the product is accumulated in place into the per-patch
+      term copied to every point (with autograd that is left out: its different rounding of the
+      gradients that BatchNorm makes zero, the biases before it, is amplified by Adam).
     * ``fold_bn`` (on; eval mode only): each BatchNorm uses its running statistics, so it is an affine
       map folded into the Linear before it (``W * s``, ``(b - mean) * s + beta``, ``s = gamma / sqrt(var +
       eps)``), computed on the fly from the current parameters: no pass over the activations.
@@ -132,7 +135,12 @@ class PatchEmbed(nn.Module):
         g = _max_pool(f, keepdim=True)  # (P, 1, h1) patch-global feature
         if self.split_global:
             w_g, w_f = w[:, :h1], w[:, h1:]
-            if w_composed is not None:  # W_f f = (W_f W1) r + W_f b1
+            if w_composed is not None and not torch.is_grad_enabled():  # W_f f = (W_f W1) r + W_f b1
+                # no autograd: the per-patch term W_g g + b + W_f b1 copied to every point, the per-point
+                # product accumulated into it in place (no pass for the sum)
+                h = F.linear(g, w_g, b + b_composed).expand(P, K, -1).contiguous().view(P * K, -1)
+                h.addmm_(r, w_composed.t())
+            elif w_composed is not None:
                 # added out of place: an in-place add on this view would make backward copy the whole
                 # gradient (CopySlices)
                 h = F.linear(r, w_composed, b_composed).view(P, K, -1) + F.linear(g, w_g, b)
