@@ -103,9 +103,9 @@ from pointbert.engine import build_optimizer  # noqa: E402
 from pointbert.heads import Classifier  # noqa: E402
 from pointbert.memory import keep_freed_memory  # noqa: E402
 from pointbert.mpm import PointBERT  # noqa: E402
-from pointbert.patches import PatchEmbed, group  # noqa: E402
+from pointbert.patches import group  # noqa: E402
 from pointbert.tokenizer import DiscreteVAE  # noqa: E402
-from pointbert.transformer import Block  # noqa: E402
+from pointbert.transformer import compile_blocks  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # Machine, timing, memory
@@ -428,9 +428,7 @@ def run_fastpaths(args: argparse.Namespace, dev: torch.device, matmul: float) ->
         if args.compile:  # the per-patch and per-token modules; grouping (FPS loop, kNN) stays eager
             t0 = time.perf_counter()
             compiled = copy.deepcopy(model)
-            for m in compiled.modules():
-                if isinstance(m, (PatchEmbed, Block)):
-                    m.compile()
+            compile_blocks(compiled)  # what train.compile does
             runs["torch.compile (option)"] = make_step(case, compiled, cfg, args.batch, dev, args.precision)
             runs["torch.compile (option)"]()
             print(f"  torch.compile warm-up ({case}): {time.perf_counter() - t0:.0f} s")

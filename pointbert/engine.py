@@ -62,6 +62,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, OptimConfig, save_yaml
 from .errors import CheckpointError, PointBERTError
 from .memory import keep_freed_memory
+from .transformer import compile_blocks
 
 __all__ = ["Task", "Context", "fit", "lr_at", "unwrap", "setup_distributed", "param_groups",
            "build_optimizer", "resolve_device", "resolve_precision", "eval_loader", "EpochSampler",
@@ -614,6 +615,8 @@ def fit(task: Task, out: str | Path, *, device: str | torch.device | None = None
     if ctx.is_main:
         save_yaml(cfg, out / "config.yaml")
 
+    if cfg.train.compile:
+        ctx.log(f"train.compile: {compile_blocks(model)} modules compiled on first use (the first steps are slow)")
     train_model: nn.Module = model
     if ctx.world_size > 1:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None

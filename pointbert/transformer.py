@@ -17,18 +17,23 @@ from .patches import PatchEmbed, group
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (timm semantics): drop the residual branch with probability p."""
+    """Stochastic depth per sample (timm semantics): drop the residual branch with probability p.
+
+    The mask is the official ``floor(keep + U)``, U ~ uniform, so seeded runs draw what the official
+    code draws. The keep probability is also held as a tensor: ``torch.compile`` then treats the blocks'
+    different rates as data, one graph for all of them, instead of one recompilation per block.
+    """
 
     def __init__(self, p: float = 0.0):
         super().__init__()
-        self.p = p
+        self.p, self.active = p, p > 0.0
+        self.register_buffer("keep", torch.tensor(1.0 - p), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
+        if not (self.active and self.training):
             return x
-        keep = 1.0 - self.p
-        mask = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
-        return x * mask.bernoulli_(keep).div_(keep)
+        u = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+        return x * (u + self.keep).floor_().div_(self.keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -177,3 +182,15 @@ def init_trunc_normal(module: nn.Module, std: float = 0.02) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def compile_blocks(model: nn.Module, **options) -> int:
+    """``torch.compile`` in place every mini-PointNet and Transformer block inside ``model`` (the
+    per-patch and per-token work); grouping (FPS, kNN), heads and losses stay eager. Parameter names and
+    checkpoints are unchanged. ``options`` go to ``torch.compile`` (e.g. ``backend``, ``mode``).
+    Returns the number of modules compiled."""
+    mods = [m for m in model.modules() if isinstance(m, (PatchEmbed, Block))]
+    for m in mods:
+        m.compile(**options)
+    return len(mods)
+

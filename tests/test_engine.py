@@ -19,6 +19,7 @@ from pointbert.engine import Context, EpochSampler, SeededItems, Task, TrainingE
 from pointbert.heads import Classifier
 from pointbert.mpm import PointBERT
 from pointbert.tasks.finetune import ClassificationTask
+from pointbert.transformer import compile_blocks
 
 # --------------------------------------------------------------------------------------------------
 # A small deterministic task: an MLP over per-point features, max-pooled (no BatchNorm, no dropout).
@@ -371,3 +372,27 @@ def test_noisy_toy_task_resumes_exactly(tmp_path):
     assert a == b
     wa, wb = weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_compiled_training_matches_eager_and_saves_plain_checkpoints(tmp_path, uninterrupted, monkeypatch):
+    """train.compile: the blocks are compiled (here with dynamo's eager backend, no C++ toolchain needed),
+    training gives the eager run's numbers, and checkpoints keep the plain parameter names."""
+    compiled = []
+
+    def compile_eager(model):
+        compiled.append(compile_blocks(model, backend="eager"))
+        return compiled[-1]
+
+    monkeypatch.setattr(engine, "compile_blocks", compile_eager)
+    task = tiny_classifier_task()
+    task.cfg.train.compile = True
+    torch._dynamo.reset()
+    result = fit(task, tmp_path / "compiled", device="cpu", quiet=True)
+    torch._dynamo.reset()
+    assert compiled and compiled[0] > 1
+    _, expected = uninterrupted
+    assert result.keys() == expected.keys()
+    for k in expected:
+        assert result[k] == pytest.approx(expected[k], rel=1e-4, abs=1e-6), k
+    state = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)["model"]
+    assert not any("_orig_mod" in k for k in state)

@@ -166,3 +166,35 @@ def test_patch_embed_matches_conv1d_layout():
     torch.testing.assert_close(pe(nb), ref_out, atol=1e-5, rtol=1e-4)
     # running statistics were updated identically
     torch.testing.assert_close(pe.first_conv[1].running_var, conv1[1].running_var, atol=1e-5, rtol=1e-4)
+
+
+def test_drop_path_draws_the_official_mask():
+    """floor(keep + U) as timm's drop_path, so a seeded run drops the samples the official code drops."""
+    x = torch.randn(64, 5, 8)
+    torch.manual_seed(7)
+    y = DropPath(0.3).train()(x)
+    torch.manual_seed(7)
+    keep = 0.7
+    ref = x.div(keep) * (keep + torch.rand(64, 1, 1)).floor_()
+    torch.testing.assert_close(y, ref)
+
+
+def test_blocks_with_different_drop_path_rates_share_one_compiled_graph():
+    """The rates are tensors to torch.compile: no recompilation per block (which hit dynamo's limit of 8)."""
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    bb = Backbone(PatchConfig(num_patches=8, patch_size=4, embed_dim=16, hidden_dims=(8, 16, 16)),
+                  BackboneConfig(dim=16, depth=4, num_heads=2, pos_hidden=8, drop_path_rate=0.1)).train()
+    for blk in bb.blocks:
+        blk.compile(backend=count)
+    x = torch.randn(2, 9, 16)
+    for blk in bb.blocks:
+        x = blk(x)
+    x.sum().backward()
+    assert len(graphs) == 2  # rate 0 (block 0) and rate > 0 (blocks 1-3)
+    torch._dynamo.reset()
