@@ -72,7 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's stated peak TFLOP/s at --precision, for the 'of peak' column "
                          "(known NVIDIA cards are looked up by name)")
-    ap.add_argument("--compile", action="store_true", help="add torch.compile variants to the fastpaths section")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time pointbert with train.compile (`compiled`) in the steps section, and a "
+                         "torch.compile variant in the fastpaths section")
     ap.add_argument("--allocator", default="default", choices=["default", "keep", "thp"],
                     help="CPU memory of the process, for both implementations: keep = glibc keeps freed memory "
                          "(pointbert.memory, as pointbert's training runs); thp = torch's THP_MEM_ALLOC_ENABLE "
@@ -266,11 +268,14 @@ def build_pair(case: str, cfg: Config, batch: int, args: argparse.Namespace, dev
     are warm (activations, temporaries and gradients over the steady state: one-time allocations of
     the libraries do not count against whichever implementation happens to run first)."""
     models, runs, memory = {}, {}, {"footprint": {}, "step": {}}
-    for impl in ("ours", "plain") if with_plain else ("ours",):
+    impls = ["ours"] + (["compiled"] if args.compile else []) + (["plain"] if with_plain else [])
+    for impl in impls:
         with PeakMemory(dev) as mem:
-            if impl == "ours":
+            if impl in ("ours", "compiled"):
                 torch.manual_seed(0)
                 model = OURS[case](cfg).to(dev)
+                if impl == "compiled":  # train.compile; the warm-up steps include the compilation
+                    compile_blocks(model)
             else:
                 model = plain.load_ours(plain.build(PLAIN_KIND[case], cfg), models["ours"]).to(dev)
             opt = build_optimizer(model, cfg.optim if impl == "ours" else replace(cfg.optim, fused=False))
@@ -328,6 +333,8 @@ def run_steps(args: argparse.Namespace, dev: torch.device, matmul: float) -> dic
             res["ratio"] = res["ours"]["median"] / res["plain"]["median"]
             res["ratio_min_max"] = [min(tp / to for tp, to in zip(times["plain"], times["ours"])),
                                     max(tp / to for tp, to in zip(times["plain"], times["ours"]))]
+            if "compiled" in res:
+                res["ratio_compiled"] = res["compiled"]["median"] / res["plain"]["median"]
         res["wall_s"] = time.perf_counter() - t0
         out[case] = res
         print_step(case, res)
@@ -509,7 +516,7 @@ def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
 
 def print_step(case: str, res: dict[str, Any]) -> None:
     rows = []
-    for impl in ("ours", "plain"):
+    for impl in ("ours", "compiled", "plain"):
         if impl in res:
             r = res[impl]
             rows.append([impl, r["median"], r["min"], r["max"], r["gflops"], f"{r['matmul_share']:.0%}"]
@@ -519,6 +526,8 @@ def print_step(case: str, res: dict[str, Any]) -> None:
     if "ratio" in res:
         lo, hi = res["ratio_min_max"]
         ratio = f"; ours/plain {res['ratio']:.2f}x (per repeat {lo:.2f}-{hi:.2f})"
+        if "ratio_compiled" in res:
+            ratio += f", compiled/plain {res['ratio_compiled']:.2f}x"
     peak = ["of peak"] if "peak_share" in res["ours"] else []
     print_table(f"{case} step: {res['ours']['model_gflop_per_cloud']:.2f} model GFLOP per cloud{ratio}; "
                 f"grouping (FPS + kNN) {res['ours']['grouping_share']:.1%} of ours",

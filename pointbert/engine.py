@@ -46,6 +46,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -574,6 +575,10 @@ def fit(task: Task, out: str | Path, *, device: str | torch.device | None = None
         raise TrainingError(f"{out} already holds a run (last.pt); pass --resume to continue it "
                             "or choose another --out")
 
+    if cfg.train.compile and ctx.device.type == "cpu" and not any(
+            shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c):
+        raise TrainingError("train.compile on CPU needs a C++ compiler (g++, clang++ or $CXX); install one "
+                            "or set train.compile=false")
     _seed_all(cfg.train.seed, ctx)  # model init is identical on every rank and in a single process
     model = task.build_model()
     _seed_all(_derive_seed(cfg.train.seed, ctx.rank, 2), ctx)  # per-rank training randomness

@@ -396,3 +396,11 @@ def test_compiled_training_matches_eager_and_saves_plain_checkpoints(tmp_path, u
         assert result[k] == pytest.approx(expected[k], rel=1e-4, abs=1e-6), k
     state = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)["model"]
     assert not any("_orig_mod" in k for k in state)
+
+
+def test_compile_on_cpu_without_a_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    cfg = toy_cfg()
+    cfg.train.compile = True
+    with pytest.raises(TrainingError, match="needs a C.. compiler"):
+        fit(ToyTask(cfg), tmp_path / "nocxx", device="cpu", quiet=True)
