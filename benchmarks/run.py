@@ -30,6 +30,7 @@ import copy
 import ctypes
 import gc
 import json
+import mmap
 import os
 import platform
 import statistics
@@ -192,6 +193,21 @@ class PeakMemory:
             self.mib = (torch.cuda.max_memory_allocated(self.dev) - self.base) / 2**20
         elif self.base is not None:
             self.mib = (_proc_status_kib("VmHWM") - self.base) / 1024
+
+
+def page_fault_us(mib: int = 128) -> float:
+    """Microseconds to fault in one 4 KiB page of freshly mapped memory (median of 3 x ``mib`` MiB): what
+    glibc's default costs a large tensor on its first touch. Varies across machines and over time on VMs;
+    tensors mapped afresh each step are why the plain twin's speed moves with it."""
+    times = []
+    for _ in range(3):
+        with mmap.mmap(-1, mib << 20) as m:
+            a = np.frombuffer(m, dtype=np.uint8)
+            t0 = time.perf_counter()
+            a[::4096] = 1  # one write per page
+            times.append((time.perf_counter() - t0) / (mib * 256) * 1e6)
+            del a
+    return statistics.median(times)
 
 
 def matmul_gflops(dev: torch.device, dtype: torch.dtype, repeats: int, n: int = 2048) -> float:
@@ -569,6 +585,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     n = 512 if dtype == torch.bfloat16 and dev.type == "cpu" else 2048  # CPUs without bf16 units: ~1 GFLOP/s
     matmul = matmul_gflops(dev, dtype, 3 if args.quick else 5, n)
     info.update(matmul_gflops=matmul, matmul_dtype=str(dtype).removeprefix("torch."), matmul_n=n)
+    if dev.type == "cpu":
+        info["page_fault_us"] = page_fault_us()
     args.peak_tflops = info["peak_tflops"] = peak_tflops(info, args)  # given, or the card's stated peak
     settings = {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()}  # no paths of the machine
     print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs, {info['torch_threads']} torch threads)"
@@ -576,7 +594,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
           + f"; torch {info['torch']}, numpy {info['numpy']}, python {info['python']}")
     print(f"settings: batch {args.batch}, {args.precision}, warm-up {args.warmup}, repeats {args.repeats}, "
           f"allocator {args.allocator}; matmul {n}^3 {info['matmul_dtype']}: {matmul:.1f} GFLOP/s"
-          + (f"; stated peak {args.peak_tflops:.1f} TFLOP/s" if args.peak_tflops else ""))
+          + (f"; stated peak {args.peak_tflops:.1f} TFLOP/s" if args.peak_tflops else "")
+          + (f"; page fault {info['page_fault_us']:.1f} us" if "page_fault_us" in info else ""))
     results: dict[str, Any] = {"machine": info, "settings": settings}
     sections = args.sections.split(",")
     if "ops" in sections:
@@ -588,6 +607,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if "scaling" in sections:
         results["scaling"] = run_scaling(args, dev, matmul)
     print_targets(results)
+    if dev.type == "cpu":
+        info["page_fault_us_end"] = page_fault_us()
+        print(f"\npage fault at the end: {info['page_fault_us_end']:.1f} us (start {info['page_fault_us']:.1f})")
     results["wall_s"] = time.perf_counter() - t_start
     print(f"\ntotal {results['wall_s']:.0f} s")
     if args.out:
