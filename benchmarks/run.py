@@ -197,8 +197,8 @@ class PeakMemory:
 
 def page_fault_us(mib: int = 128) -> float:
     """Microseconds to fault in one 4 KiB page of freshly mapped memory (median of 3 x ``mib`` MiB): what
-    glibc's default costs a large tensor on its first touch. Varies across machines and over time on VMs;
-    tensors mapped afresh each step are why the plain twin's speed moves with it."""
+    glibc's default costs a large tensor on its first touch. Varies across machines and over time on VMs,
+    and the plain twin maps its large activations afresh every step, so the runs record it."""
     times = []
     for _ in range(3):
         with mmap.mmap(-1, mib << 20) as m:
