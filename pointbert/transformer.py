@@ -26,8 +26,17 @@ class DropPath(nn.Module):
 
     def __init__(self, p: float = 0.0):
         super().__init__()
-        self.p, self.active = p, p > 0.0
         self.register_buffer("keep", torch.tensor(1.0 - p), persistent=False)
+        self.p = p
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:  # keeps the flag and the tensor in step with the rate
+        self._p, self.active = float(value), value > 0.0
+        self.keep.fill_(1.0 - value)
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.active and self.training):

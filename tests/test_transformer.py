@@ -198,3 +198,12 @@ def test_blocks_with_different_drop_path_rates_share_one_compiled_graph():
     x.sum().backward()
     assert len(graphs) == 2  # rate 0 (block 0) and rate > 0 (blocks 1-3)
     torch._dynamo.reset()
+
+
+def test_drop_path_rate_can_be_changed_after_construction():
+    dp = DropPath(0.0).train()
+    x = torch.ones(4000, 2)
+    assert torch.equal(dp(x), x)
+    dp.p = 0.5
+    kept = dp(x)[:, 0] != 0
+    assert 1700 < kept.sum() < 2300 and dp.keep.item() == 0.5
