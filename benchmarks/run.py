@@ -1,7 +1,7 @@
 """Speed benchmark: pointbert against a plain, official-style implementation, measured in one run.
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--batch 32]
-                             [--threads N] [--out results.json] [--sections ops,steps,fastpaths,scaling]
+                             [--threads N] [--out results.json] [--sections ops,steps,isolated,fastpaths,scaling]
                              [--no-plain] [--compile] [--allocator default|keep|thp] [--peak-tflops X]
 
 Sections (benchmarks/README.md explains every number):
@@ -12,13 +12,16 @@ Sections (benchmarks/README.md explains every number):
    for the full-size presets: samples/s (median, min, max over repeats run alternately for both
    implementations), model GFLOP/s and its share of the matmul (and of a GPU's stated peak), peak memory,
    the share of grouping (FPS + kNN) in the step, and ours / plain;
-4. ``fastpaths``: the tokenizer and fine-tuning steps and inference with each of pointbert's fast paths
+4. ``isolated``: the same steps with each implementation in processes of its own, as each is used (pointbert's
+   training with the memory policy its training applies, the plain twin with glibc's default);
+5. ``fastpaths``: the tokenizer and fine-tuning steps and inference with each of pointbert's fast paths
    switched off (the fine-tuning step also with the official per-tensor AdamW loop instead of the fused
    kernel), plus ``torch.compile`` with ``--compile``;
-5. ``scaling``: fine-tuning step and inference at 1k/2k/4k/8k points with 64/128/256/512 patches.
+6. ``scaling``: fine-tuning step and inference at 1k/2k/4k/8k points with 64/128/256/512 patches.
 
 ``--quick`` (under 2 minutes on 2 cores): batch 8 unless ``--batch`` is given, 1 warm-up and 2 repeats,
-no 4k/8k cases, no tokenizer fast-path variants, step memory only for fine-tuning and inference. The whole
+no isolated section, no 4k/8k cases, no tokenizer fast-path variants, step memory only for fine-tuning and
+inference. The whole
 output also goes to ``--out`` as JSON.
 """
 
@@ -34,6 +37,7 @@ import mmap
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -65,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="untimed steps per case (default 3, 1 with --quick; with --allocator keep the heap "
                          "stops growing, and so taking page faults, after about 3 steps)")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 5; 2 with --quick)")
-    ap.add_argument("--sections", default="ops,steps,fastpaths,scaling")
+    ap.add_argument("--sections", default=None,
+                    help="ops,steps,isolated,fastpaths,scaling (default all; --quick: all but isolated)")
     ap.add_argument("--steps", default="tokenizer,pretrain,finetune,inference",
                     help="cases of the steps section (and of the fastpaths section: tokenizer, finetune, inference)")
     ap.add_argument("--scaling-batch", type=int, default=None, help="batch of the scaling table (default --batch)")
@@ -81,11 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "(pointbert.memory, as pointbert's training runs); thp = torch's THP_MEM_ALLOC_ENABLE "
                          "(huge pages for large tensors)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # CASE:IMPL, one process of `isolated`
     args = ap.parse_args(argv)
     args.batch = args.batch or (8 if args.quick else 32)
     args.scaling_batch = args.scaling_batch or args.batch
     args.warmup = (1 if args.quick else 3) if args.warmup is None else args.warmup
     args.repeats = args.repeats or (2 if args.quick else 5)
+    args.sections = args.sections or "ops,steps," + ("" if args.quick else "isolated,") + "fastpaths,scaling"
     return args
 
 
@@ -360,6 +367,71 @@ def run_steps(args: argparse.Namespace, dev: torch.device, matmul: float) -> dic
 
 
 # --------------------------------------------------------------------------------------------------
+# Each implementation in its own process
+# --------------------------------------------------------------------------------------------------
+
+
+def run_worker(args: argparse.Namespace, dev: torch.device) -> None:
+    """One implementation of one case in this process, as it is used: pointbert's training cases with the
+    memory policy its training applies (``train.keep_memory``, CPU), inference as ``pointbert predict``
+    runs it (no policy); the plain twin as the official code runs, with glibc's default. Prints JSON."""
+    case, impl = args.worker.split(":")
+    if impl == "ours" and case != "inference" and dev.type == "cpu":
+        keep_freed_memory()
+    cfg = preset(CASE_PRESET[case])
+    with PeakMemory(dev) as footprint:
+        torch.manual_seed(0)
+        model = OURS[case](cfg).to(dev)
+        if impl == "plain":  # the same weights; our model is only their source
+            model = plain.load_ours(plain.build(PLAIN_KIND[case], cfg), model).to(dev)
+        opt = build_optimizer(model, cfg.optim if impl == "ours" else replace(cfg.optim, fused=False))
+        run = make_step(case, model, cfg, args.batch, dev, args.precision, opt)
+        for _ in range(max(1, args.warmup)):
+            run()
+        synchronizer(dev)()
+    with PeakMemory(dev) as step:
+        run()
+        synchronizer(dev)()
+    times = interleaved({impl: run}, args.repeats, synchronizer(dev))[impl]
+    print(json.dumps({"times": times, "step_mib": step.mib, "footprint_mib": footprint.mib}))
+
+
+def run_isolated(args: argparse.Namespace, dev: torch.device, matmul: float) -> dict[str, Any]:
+    """The steps of each case with ours and plain each in processes of their own (two rounds, ours,
+    plain, plain, ours, half the repeats each), so neither shapes the other's heap."""
+    out = {}
+    half = max(1, (args.repeats + 1) // 2)
+    for case in args.steps.split(","):
+        cfg = preset(CASE_PRESET[case])
+        t0 = time.perf_counter()
+        times: dict[str, list[float]] = {"ours": [], "plain": []}
+        rounds: dict[str, list[float]] = {"ours": [], "plain": []}
+        mem: dict[str, dict[str, Any]] = {}
+        for impl in ("ours", "plain", "plain", "ours"):
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{case}:{impl}", "--device",
+                   args.device, "--precision", args.precision, "--batch", str(args.batch), "--warmup",
+                   str(args.warmup), "--repeats", str(half)]
+            cmd += ["--threads", str(args.threads)] if args.threads else []
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"isolated {case} {impl} failed:\n{done.stderr[-2000:]}")
+            res = json.loads(done.stdout.strip().splitlines()[-1])
+            times[impl] += res["times"]
+            rounds[impl].append(statistics.median(res["times"]))
+            mem[impl] = res
+        out[case] = res = {impl: dict(step_row(case, cfg, times[impl], args.batch, matmul, args.peak_tflops),
+                                      step_mib=mem[impl]["step_mib"], footprint_mib=mem[impl]["footprint_mib"])
+                           for impl in times}
+        res["ours"]["grouping_share"] = grouping_seconds(cfg, args.batch, dev, args.repeats) / res["ours"]["seconds"]
+        res["ratio"] = res["ours"]["median"] / res["plain"]["median"]
+        per_round = [tp / to for tp, to in zip(rounds["plain"], rounds["ours"])]  # medians of round 1, of round 2
+        res["ratio_min_max"] = [min(per_round), max(per_round)]
+        res["wall_s"] = time.perf_counter() - t0
+        print_step(f"{case} (each in its own process)", res, spread="per round")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Ops alone
 # --------------------------------------------------------------------------------------------------
 
@@ -530,7 +602,7 @@ def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
             print("  " + "  ".join("-" * w for w in widths))
 
 
-def print_step(case: str, res: dict[str, Any]) -> None:
+def print_step(case: str, res: dict[str, Any], spread: str = "per repeat") -> None:
     rows = []
     for impl in ("ours", "compiled", "plain"):
         if impl in res:
@@ -541,7 +613,7 @@ def print_step(case: str, res: dict[str, Any]) -> None:
     ratio = ""
     if "ratio" in res:
         lo, hi = res["ratio_min_max"]
-        ratio = f"; ours/plain {res['ratio']:.2f}x (per repeat {lo:.2f}-{hi:.2f})"
+        ratio = f"; ours/plain {res['ratio']:.2f}x ({spread} {lo:.2f}-{hi:.2f})"
         if "ratio_compiled" in res:
             ratio += f", compiled/plain {res['ratio_compiled']:.2f}x"
     peak = ["of peak"] if "peak_share" in res["ours"] else []
@@ -557,6 +629,11 @@ def print_targets(results: dict[str, Any]) -> None:
         if "ratio" in steps.get(case, {}):
             r = steps[case]["ratio"]
             rows.append([f"{case}: ours / plain >= {target}x", f"{r:.2f}x", "met" if r >= target else "not met"])
+    for case, target in TARGETS.items():
+        if case in results.get("isolated", {}):
+            r = results["isolated"][case]["ratio"]
+            rows.append([f"{case}, own processes: ours / plain >= {target}x", f"{r:.2f}x",
+                         "met" if r >= target else "not met"])
     if "finetune" in steps:
         share = steps["finetune"]["ours"]["matmul_share"]
         rows.append([f"finetune: >= {MATMUL_SHARE_TARGET:.0%} of matmul", f"{share:.0%}",
@@ -579,6 +656,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.allocator == "keep":
         keep_freed_memory()
     dev = torch.device(args.device)
+    if args.worker:
+        run_worker(args, dev)
+        return {}
     t_start = time.perf_counter()
     info = machine(dev)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -602,6 +682,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         results["ops"] = run_ops(args, dev)
     if "steps" in sections:
         results["steps"] = run_steps(args, dev, matmul)
+    if "isolated" in sections:
+        results["isolated"] = run_isolated(args, dev, matmul)
     if "fastpaths" in sections:
         results["fastpaths"] = run_fastpaths(args, dev, matmul)
     if "scaling" in sections:
