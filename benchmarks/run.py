@@ -282,6 +282,29 @@ def make_step(case: str, model: nn.Module, cfg: Config, batch: int, dev: torch.d
     return train
 
 
+def build_warm(case: str, impl: str, cfg: Config, batch: int, args: argparse.Namespace, dev: torch.device,
+               source: nn.Module | None = None) -> tuple[nn.Module, Callable[[], None]]:
+    """One implementation of ``case``, built and warmed up: ``ours`` (seed 0), ``compiled`` (the same with
+    train.compile) or ``plain`` (the weights of ``source``, else of a fresh seed-0 ours), with the optimiser
+    each uses (fused AdamW for pointbert, the per-tensor loop for plain). Returns the model and its step."""
+    if impl == "plain":
+        if source is None:
+            torch.manual_seed(0)
+            source = OURS[case](cfg)
+        model = plain.load_ours(plain.build(PLAIN_KIND[case], cfg), source).to(dev)
+    else:
+        torch.manual_seed(0)
+        model = OURS[case](cfg).to(dev)
+        if impl == "compiled":  # train.compile; the warm-up steps include the compilation
+            compile_blocks(model)
+    opt = build_optimizer(model, replace(cfg.optim, fused=False) if impl == "plain" else cfg.optim)
+    run = make_step(case, model, cfg, batch, dev, args.precision, opt)
+    for _ in range(max(1, args.warmup)):
+        run()
+    synchronizer(dev)()
+    return model, run
+
+
 def build_pair(case: str, cfg: Config, batch: int, args: argparse.Namespace, dev: torch.device, with_plain: bool,
                step_memory: bool = True) -> tuple[dict[str, nn.Module], dict[str, Callable[[], None]], dict]:
     """Build ours (seed 0) and its plain twin with the same weights and warm both up.
@@ -294,19 +317,8 @@ def build_pair(case: str, cfg: Config, batch: int, args: argparse.Namespace, dev
     impls = ["ours"] + (["compiled"] if args.compile else []) + (["plain"] if with_plain else [])
     for impl in impls:
         with PeakMemory(dev) as mem:
-            if impl in ("ours", "compiled"):
-                torch.manual_seed(0)
-                model = OURS[case](cfg).to(dev)
-                if impl == "compiled":  # train.compile; the warm-up steps include the compilation
-                    compile_blocks(model)
-            else:
-                model = plain.load_ours(plain.build(PLAIN_KIND[case], cfg), models["ours"]).to(dev)
-            opt = build_optimizer(model, cfg.optim if impl == "ours" else replace(cfg.optim, fused=False))
-            run = make_step(case, model, cfg, batch, dev, args.precision, opt)
-            for _ in range(max(1, args.warmup)):
-                run()
-            synchronizer(dev)()
-        models[impl], runs[impl], memory["footprint"][impl] = model, run, mem.mib
+            models[impl], runs[impl] = build_warm(case, impl, cfg, batch, args, dev, models.get("ours"))
+        memory["footprint"][impl] = mem.mib
     for impl, run in runs.items() if step_memory else ():
         with PeakMemory(dev) as mem:
             run()
@@ -380,15 +392,7 @@ def run_worker(args: argparse.Namespace, dev: torch.device) -> None:
         keep_freed_memory()
     cfg = preset(CASE_PRESET[case])
     with PeakMemory(dev) as footprint:
-        torch.manual_seed(0)
-        model = OURS[case](cfg).to(dev)
-        if impl == "plain":  # the same weights; our model is only their source
-            model = plain.load_ours(plain.build(PLAIN_KIND[case], cfg), model).to(dev)
-        opt = build_optimizer(model, cfg.optim if impl == "ours" else replace(cfg.optim, fused=False))
-        run = make_step(case, model, cfg, args.batch, dev, args.precision, opt)
-        for _ in range(max(1, args.warmup)):
-            run()
-        synchronizer(dev)()
+        _, run = build_warm(case, impl, cfg, args.batch, args, dev)
     with PeakMemory(dev) as step:
         run()
         synchronizer(dev)()
