@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--batch 32]
                              [--threads N] [--out results.json] [--sections ops,steps,isolated,fastpaths,scaling]
-                             [--no-plain] [--compile] [--allocator default|keep|thp] [--peak-tflops X]
+                             [--no-plain] [--compile [--compile-mode M]] [--allocator default|keep|thp] [--peak-tflops X]
 
 Sections (benchmarks/README.md explains every number):
 
@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true",
                     help="also time pointbert with train.compile (`compiled`) in the steps section, and a "
                          "torch.compile variant in the fastpaths section")
+    ap.add_argument("--compile-mode", default="default",
+                    help="torch.compile mode of --compile, as train.compile_mode: default, reduce-overhead "
+                         "(CUDA graphs), max-autotune, max-autotune-no-cudagraphs")
     ap.add_argument("--allocator", default="default", choices=["default", "keep", "thp"],
                     help="CPU memory of the process, for both implementations: keep = glibc keeps freed memory "
                          "(pointbert.memory, as pointbert's training runs); thp = torch's THP_MEM_ALLOC_ENABLE "
@@ -108,7 +111,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(ROOT))
 from benchmarks import flops, plain  # noqa: E402
 from pointbert import ops  # noqa: E402
-from pointbert.config import Config, preset  # noqa: E402
+from pointbert.config import COMPILE_MODES, Config, preset  # noqa: E402
 from pointbert.engine import build_optimizer  # noqa: E402
 from pointbert.heads import Classifier  # noqa: E402
 from pointbert.memory import keep_freed_memory  # noqa: E402
@@ -296,7 +299,7 @@ def build_warm(case: str, impl: str, cfg: Config, batch: int, args: argparse.Nam
         torch.manual_seed(0)
         model = OURS[case](cfg).to(dev)
         if impl == "compiled":  # train.compile; the warm-up steps include the compilation
-            compile_blocks(model)
+            compile_blocks(model, mode=args.compile_mode)
     opt = build_optimizer(model, replace(cfg.optim, fused=False) if impl == "plain" else cfg.optim)
     run = make_step(case, model, cfg, batch, dev, args.precision, opt)
     for _ in range(max(1, args.warmup)):
@@ -527,7 +530,7 @@ def run_fastpaths(args: argparse.Namespace, dev: torch.device, matmul: float) ->
         if args.compile:  # the per-patch and per-token modules; grouping (FPS loop, kNN) stays eager
             t0 = time.perf_counter()
             compiled = copy.deepcopy(model)
-            compile_blocks(compiled)  # what train.compile does
+            compile_blocks(compiled, mode=args.compile_mode)  # what train.compile does
             runs["torch.compile (option)"] = make_step(case, compiled, cfg, args.batch, dev, args.precision)
             runs["torch.compile (option)"]()
             print(f"  torch.compile warm-up ({case}): {time.perf_counter() - t0:.0f} s")
@@ -655,6 +658,8 @@ def print_targets(results: dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     sys.stdout.reconfigure(line_buffering=True)  # progress shows when piped to a file
+    if args.compile_mode not in COMPILE_MODES:
+        sys.exit(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {args.compile_mode!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.allocator == "keep":

@@ -29,6 +29,8 @@ from typing import Any
 from .errors import PointBERTError
 
 KINDS = ("tokenizer", "pretrain", "classifier", "partseg")
+#: torch.compile modes of train.compile_mode (reduce-overhead adds CUDA graphs on GPU)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(PointBERTError, ValueError):
@@ -168,6 +170,7 @@ class TrainConfig:
     log_every: int = 10  # steps between metric-log lines
     keep_memory: bool = True  # CPU, Linux: keep freed memory for reuse (pointbert.memory; fewer page faults)
     compile: bool = False  # torch.compile the mini-PointNet and Transformer blocks (no gain measured on CPU)
+    compile_mode: str = "default"  # torch.compile mode with train.compile (reduce-overhead: CUDA graphs)
 
 
 @dataclass
@@ -573,6 +576,8 @@ def validate(cfg: Config) -> Config:
     need(0 <= o.label_smoothing < 1, f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
     need(o.schedule in ("epoch", "step"), f"optim.schedule must be epoch or step, got {o.schedule!r}")
     need(cfg.train.epochs > 0, f"train.epochs must be positive, got {cfg.train.epochs}")
+    need(cfg.train.compile_mode in COMPILE_MODES,
+         f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.train.compile_mode!r}")
     need(cfg.train.precision in ("auto", "fp32", "bf16", "fp16"),
          f"train.precision must be auto, fp32, bf16 or fp16, got {cfg.train.precision!r}")
     need(cfg.data.augment in ("scale_translate", "partseg", "none"),

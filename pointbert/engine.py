@@ -621,7 +621,9 @@ def fit(task: Task, out: str | Path, *, device: str | torch.device | None = None
         save_yaml(cfg, out / "config.yaml")
 
     if cfg.train.compile:
-        ctx.log(f"train.compile: {compile_blocks(model)} modules compiled on first use (the first steps are slow)")
+        n = compile_blocks(model, mode=cfg.train.compile_mode)
+        ctx.log(f"train.compile: {n} modules compiled on first use, mode {cfg.train.compile_mode} "
+                "(the first steps are slow)")
     train_model: nn.Module = model
     if ctx.world_size > 1:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None

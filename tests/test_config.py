@@ -52,6 +52,7 @@ def test_yaml_names_its_base_preset(tmp_path):
     ("mpm.mask_ratio=[0.5, 0.2]", "mask_ratio"),
     ("mpm.mask_ratio=[0.5]", "expected 2 values"),
     ("train.precision=fp8", "train.precision"),
+    ("train.compile_mode=fast", "train.compile_mode must be one of default, reduce-overhead"),
     ("data.num_points=8", "data.num_points"),
     ("optim.lr=-1", "optim.lr"),
     ("nonsense", "section.field=value"),

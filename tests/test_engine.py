@@ -377,19 +377,20 @@ def test_noisy_toy_task_resumes_exactly(tmp_path):
 def test_compiled_training_matches_eager_and_saves_plain_checkpoints(tmp_path, uninterrupted, monkeypatch):
     """train.compile: the blocks are compiled (here with dynamo's eager backend, no C++ toolchain needed),
     training gives the eager run's numbers, and checkpoints keep the plain parameter names."""
-    compiled = []
+    compiled, modes = [], []
 
-    def compile_eager(model):
+    def compile_eager(model, mode):  # dynamo's eager backend takes no mode: recorded, not passed on
+        modes.append(mode)
         compiled.append(compile_blocks(model, backend="eager"))
         return compiled[-1]
 
     monkeypatch.setattr(engine, "compile_blocks", compile_eager)
     task = tiny_classifier_task()
-    task.cfg.train.compile = True
+    task.cfg.train.compile, task.cfg.train.compile_mode = True, "reduce-overhead"
     torch._dynamo.reset()
     result = fit(task, tmp_path / "compiled", device="cpu", quiet=True)
     torch._dynamo.reset()
-    assert compiled and compiled[0] > 1
+    assert compiled and compiled[0] > 1 and modes == ["reduce-overhead"]
     _, expected = uninterrupted
     assert result.keys() == expected.keys()
     for k in expected:
