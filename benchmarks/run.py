@@ -2,7 +2,8 @@
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--precision fp32|bf16] [--batch 32]
                              [--threads N] [--out results.json] [--sections ops,steps,isolated,fastpaths,scaling]
-                             [--no-plain] [--compile [--compile-mode M]] [--allocator default|keep|thp] [--peak-tflops X]
+                             [--no-plain] [--compile [--compile-mode M]] [--allocator default|keep|thp]
+                             [--peak-tflops X]
 
 Sections (benchmarks/README.md explains every number):
 
