@@ -182,9 +182,9 @@ class DGCNNPropagation(nn.Module):
             cross = ops.knn(query_xyz, xyz, self.k)  # (B, S, k) into the coarse level
             self_graph = ops.knn(query_xyz, query_xyz, self.k)  # (B, S, k) into the query level
         f = self.layer1(edge_features(query_feats, cross, feats))  # (B,S,k,2*dim) -> (B,S,k,hidden)
-        f = f.amax(dim=2)  # (B, S, hidden)
+        f = ops.max_pool(f, 2)  # (B, S, hidden)
         f = self.layer2(edge_features(f, self_graph))  # (B, S, k, 2*hidden) -> (B, S, k, dim)
-        return f.amax(dim=2)  # (B, S, dim)
+        return ops.max_pool(f, 2)  # (B, S, dim)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Point operations in plain PyTorch: FPS, kNN, gather, 3-NN interpolation, Chamfer distances.
+"""Point operations in plain PyTorch: FPS, kNN, gather, max-pool, 3-NN interpolation, Chamfer distances.
 
 These replace the CUDA extensions of the official code (pointnet2_ops, KNN_CUDA, chamfer_dist) and
 run on any device, batched over the first dimension with no per-sample Python loops.
@@ -24,6 +24,7 @@ __all__ = [
     "square_distance",
     "knn",
     "gather",
+    "max_pool",
     "interpolate_3nn",
     "chamfer",
     "chamfer_l1",
@@ -196,6 +197,16 @@ def gather(x: Tensor, idx: Tensor) -> Tensor:
     batch = torch.arange(bsz, device=x.device)[:, None]  # (B, 1)
     out = x[batch, idx.reshape(bsz, -1)]  # (B, prod(I), *F)
     return out.reshape(*idx.shape, *x.shape[2:])
+
+
+def max_pool(x: Tensor, dim: int, keepdim: bool = False) -> Tensor:
+    """Max over ``dim`` as the official code pools (``x.max(dim)[0]``): while gradients flow, ``Tensor.max``,
+    whose backward routes each gradient to one arg-max and keeps only the indices (``amax`` would split it
+    among ties, and its backward builds several full-size tensors); without, ``amax`` (the same values, no
+    indices)."""
+    if x.requires_grad:
+        return x.max(dim=dim, keepdim=keepdim)[0]
+    return x.amax(dim=dim, keepdim=keepdim)
 
 
 def interpolate_3nn(query: Tensor, points: Tensor, feats: Tensor) -> Tensor:

@@ -73,9 +73,8 @@ class PatchEmbed(nn.Module):
       runs over chunks of that many patches; every activation stays small (reused heap memory rather than
       freshly mapped pages from the OS, and closer to the caches). 0 disables.
 
-    The max-pools return the values of ``Tensor.max(dim)``, as the official code: backward routes the
-    gradient to one arg-max per channel (``amax`` would split it among ties) and keeps only the indices.
-    Without gradients they use ``amax`` (the same values, no indices).
+    The max-pools are :func:`pointbert.ops.max_pool`: the official ``Tensor.max(dim)`` values, one arg-max
+    per channel in backward.
     """
 
     split_global = True
@@ -132,7 +131,7 @@ class PatchEmbed(nn.Module):
         r = F.linear(x.reshape(P * K, 3), w0, b0)
         r = (r if fold else bn0(r)).relu_()  # (P*K, h0)
         f = lin1(r).view(P, K, h1)  # (P, K, h1) per-point features
-        g = _max_pool(f, keepdim=True)  # (P, 1, h1) patch-global feature
+        g = ops.max_pool(f, 1, keepdim=True)  # (P, 1, h1) patch-global feature
         if self.split_global:
             w_g, w_f = w[:, :h1], w[:, h1:]
             if w_composed is not None and not torch.is_grad_enabled():  # W_f f = (W_f W1) r + W_f b1
@@ -151,12 +150,4 @@ class PatchEmbed(nn.Module):
             h = F.linear(torch.cat([g.expand(-1, K, -1), f], dim=-1), w, b)  # [global ; local] (P, K, 2*h1)
         h = h.view(P * K, -1)
         f = lin3((h if fold else bn2(h)).relu_()).view(P, K, self.embed_dim)
-        return _max_pool(f)
-
-
-def _max_pool(x: Tensor, keepdim: bool = False) -> Tensor:
-    """Max over dim 1: ``Tensor.max`` values while gradients flow (one arg-max per channel, as the
-    official code), ``amax`` without (same values, no indices)."""
-    if x.requires_grad:
-        return x.max(dim=1, keepdim=keepdim)[0]
-    return x.amax(dim=1, keepdim=keepdim)
+        return ops.max_pool(f, 1)

@@ -133,7 +133,7 @@ class DGCNN(nn.Module):
         for i in range(1, self.edge_layers + 1):
             layer = getattr(self, f"layer{i}")
             edges = edge_conv(layer, f, idx) if self.split_edges else layer(edge_features(f, idx))  # (B,G,k,C')
-            f = edges.amax(dim=2)  # (B, G, C')
+            f = ops.max_pool(edges, 2)  # (B, G, C')
             levels.append(f)
         return getattr(self, f"layer{self.edge_layers + 1}")(torch.cat(levels, dim=-1))  # (B,G,2304) -> (B,G,C_out)
 

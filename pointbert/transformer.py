@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ops
 from .config import BackboneConfig, PatchConfig
 from .patches import PatchEmbed, group
 
@@ -152,7 +153,7 @@ class Backbone(nn.Module):
     @staticmethod
     def pool(tokens: Tensor) -> Tensor:
         """(B, 1+G, dim) -> (B, 2*dim): [cls ; max over patch tokens], the fine-tuning feature (spec 6.1)."""
-        return torch.cat([tokens[:, 0], tokens[:, 1:].amax(dim=1)], dim=-1)
+        return torch.cat([tokens[:, 0], ops.max_pool(tokens[:, 1:], 1)], dim=-1)
 
     def forward(self, points: Tensor) -> Tensor:
         """points (B, N, 3) -> global features (B, 2*dim)."""

@@ -245,6 +245,23 @@ def test_knn_errors():
 # ------------------------------------------------------------------------------------------- gather
 
 
+@pytest.mark.parametrize("dim, keepdim", [(1, False), (2, True), (-1, False)])
+def test_max_pool_values_and_official_gradient_with_ties(dim, keepdim):
+    """The official ``x.max(dim)[0]``: with gradients each output's gradient goes to one arg-max even among
+    exact ties (``amax`` would split it); without gradients the same values."""
+    x = torch.randint(0, 3, (2, 4, 5, 3), generator=torch.Generator().manual_seed(0)).double()  # many ties
+    with torch.no_grad():
+        out = ops.max_pool(x, dim, keepdim)
+    assert torch.equal(out, x.amax(dim, keepdim=keepdim))
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.rand(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out_a = ops.max_pool(a, dim, keepdim)
+    out_a.backward(g)
+    b.max(dim=dim, keepdim=keepdim)[0].backward(g)
+    assert torch.equal(out_a, out) and torch.equal(a.grad, b.grad)
+    assert torch.equal((a.grad != 0).sum(dim), (g != 0).sum(dim) if keepdim else (g != 0).long())
+
+
 def test_gather_shapes_values_and_gradient():
     x = rand_cloud(21, 2, 10, 3, dtype=torch.float64).requires_grad_()
     idx2 = torch.tensor([[0, 9, 9], [4, 4, 1]])
