@@ -86,9 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="torch.compile mode of --compile, as train.compile_mode: default, reduce-overhead "
                          "(CUDA graphs), max-autotune, max-autotune-no-cudagraphs")
     ap.add_argument("--allocator", default="default", choices=["default", "keep", "thp"],
-                    help="CPU memory of the process, for both implementations: keep = glibc keeps freed memory "
-                         "(pointbert.memory, as pointbert's training runs); thp = torch's THP_MEM_ALLOC_ENABLE "
-                         "(huge pages for large tensors)")
+                    help="CPU memory of the process, for both implementations: default = glibc's (pointbert's "
+                         "own policy switched off); keep = glibc keeps freed memory (pointbert.memory, as "
+                         "pointbert's training runs); thp = torch's THP_MEM_ALLOC_ENABLE (huge pages for large "
+                         "tensors)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # CASE:IMPL, one process of `isolated`
     args = ap.parse_args(argv)
@@ -111,11 +112,10 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from benchmarks import flops, plain  # noqa: E402
-from pointbert import ops  # noqa: E402
+from pointbert import memory, ops  # noqa: E402
 from pointbert.config import COMPILE_MODES, Config, preset  # noqa: E402
 from pointbert.engine import build_optimizer  # noqa: E402
 from pointbert.heads import Classifier  # noqa: E402
-from pointbert.memory import keep_freed_memory  # noqa: E402
 from pointbert.mpm import PointBERT  # noqa: E402
 from pointbert.patches import group  # noqa: E402
 from pointbert.tokenizer import DiscreteVAE  # noqa: E402
@@ -388,12 +388,11 @@ def run_steps(args: argparse.Namespace, dev: torch.device, matmul: float) -> dic
 
 
 def run_worker(args: argparse.Namespace, dev: torch.device) -> None:
-    """One implementation of one case in this process, as it is used: pointbert's training cases with the
-    memory policy its training applies (``train.keep_memory``, CPU), inference as ``pointbert predict``
-    runs it (no policy); the plain twin as the official code runs, with glibc's default. Prints JSON."""
+    """One implementation of one case in this process, as it is used: pointbert as in a loop of one's own
+    (its training cases apply its memory policy at their first training forward on CPU, its inference
+    none); the plain twin as the official code runs, with glibc's default. Prints JSON."""
     case, impl = args.worker.split(":")
-    if impl == "ours" and case != "inference" and dev.type == "cpu":
-        keep_freed_memory()
+    memory.automatic = impl != "plain"
     cfg = preset(CASE_PRESET[case])
     with PeakMemory(dev) as footprint:
         _, run = build_warm(case, impl, cfg, args.batch, args, dev)
@@ -664,7 +663,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.allocator == "keep":
-        keep_freed_memory()
+        memory.keep_freed_memory()
+    else:  # both implementations under the same policy: not pointbert's at its first training forward either
+        memory.automatic = False
     dev = torch.device(args.device)
     if args.worker:
         run_worker(args, dev)

@@ -168,7 +168,7 @@ class TrainConfig:
     sync_bn: bool = False
     checkpoint_every: int = 200  # also save `last` every this many steps (0: at epoch ends only)
     log_every: int = 10  # steps between metric-log lines
-    keep_memory: bool = True  # CPU, Linux: keep freed memory for reuse (pointbert.memory; fewer page faults)
+    keep_memory: bool = True  # CPU, Linux: keep freed memory for reuse (pointbert.memory; false: glibc's default)
     compile: bool = False  # torch.compile the mini-PointNet and Transformer blocks (no gain measured on CPU)
     compile_mode: str = "default"  # torch.compile mode with train.compile (reduce-overhead: CUDA graphs)
 

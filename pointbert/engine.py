@@ -59,10 +59,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import memory
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, OptimConfig, save_yaml
 from .errors import CheckpointError, PointBERTError
-from .memory import keep_freed_memory
 from .transformer import compile_blocks
 
 __all__ = ["Task", "Context", "fit", "lr_at", "unwrap", "setup_distributed", "param_groups",
@@ -816,8 +816,11 @@ def _setup_context(task: Task, out: Path, device: str | torch.device | None) -> 
     if task.cfg.train.batch_size % (world * task.cfg.train.grad_accum):
         raise TrainingError(f"train.batch_size ({task.cfg.train.batch_size}) must be divisible by processes "
                             f"x train.grad_accum ({world} x {task.cfg.train.grad_accum})")
-    if dev.type == "cpu" and task.cfg.train.keep_memory:
-        keep_freed_memory()
+    if dev.type == "cpu":
+        if task.cfg.train.keep_memory:
+            memory.keep_freed_memory()
+        else:
+            memory.automatic = False  # nor at the models' first training forward
     gen = torch.Generator(device=dev)
     return Context(device=dev, rank=rank, world_size=world, is_main=rank == 0,
                    amp_dtype=resolve_precision(task.cfg.train.precision, dev), generator=gen, out=out,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import memory, ops
 
 
 @torch.no_grad()
@@ -73,6 +73,9 @@ class PatchEmbed(nn.Module):
       runs over chunks of that many patches; every activation stays small (reused heap memory rather than
       freshly mapped pages from the OS, and closer to the caches). 0 disables.
 
+    On CPU, its first training-mode forward with autograd on applies :mod:`pointbert.memory`'s policy (freed
+    memory kept for reuse; process-wide, once; ``POINTBERT_KEEP_MEMORY=0`` keeps glibc's default).
+
     The max-pools are :func:`pointbert.ops.max_pool`: the official ``Tensor.max(dim)`` values, one arg-max
     per channel in backward.
     """
@@ -100,6 +103,8 @@ class PatchEmbed(nn.Module):
     def forward(self, neighborhoods: Tensor) -> Tensor:
         """neighborhoods (B, G, K, 3) -> embeddings (B, G, embed_dim)."""
         B, G, K, _ = neighborhoods.shape
+        if self.training and neighborhoods.device.type == "cpu" and torch.is_grad_enabled():
+            memory.on_cpu_training()  # freed memory kept for reuse, once per process (pointbert.memory)
         bn0, bn2 = self.first_conv[1], self.second_conv[1]
         fold = self.fold_bn and not self.training and _foldable(bn0) and _foldable(bn2)
         weights = self._weights(fold)  # once per call, shared by the chunks
