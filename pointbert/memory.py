@@ -60,6 +60,6 @@ def keep_freed_memory() -> bool:
 @torch.compiler.disable
 def on_cpu_training() -> None:
     """The models' hook, at every training-mode forward on CPU: :func:`keep_freed_memory` once, if
-    :data:`automatic`. Costs a flag test after the first call."""
+    :data:`automatic`; a few microseconds after the first call."""
     if automatic and _applied is None:
         keep_freed_memory()
