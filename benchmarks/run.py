@@ -13,8 +13,8 @@ Sections (benchmarks/README.md explains every number):
    for the full-size presets: samples/s (median, min, max over repeats run alternately for both
    implementations), model GFLOP/s and its share of the matmul (and of a GPU's stated peak), peak memory,
    the share of grouping (FPS + kNN) in the step, and ours / plain;
-4. ``isolated``: the same steps with each implementation in processes of its own, as each is used (pointbert's
-   training with the memory policy its training applies, the plain twin with glibc's default);
+4. ``isolated``: the same steps with each implementation in processes of its own, as each is used (pointbert
+   as a training loop of one's own, which applies its memory policy itself, the plain twin with glibc's default);
 5. ``fastpaths``: the tokenizer and fine-tuning steps and inference with each of pointbert's fast paths
    switched off (the fine-tuning step also with the official per-tensor AdamW loop instead of the fused
    kernel), plus ``torch.compile`` with ``--compile``;

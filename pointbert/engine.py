@@ -817,10 +817,10 @@ def _setup_context(task: Task, out: Path, device: str | torch.device | None) -> 
         raise TrainingError(f"train.batch_size ({task.cfg.train.batch_size}) must be divisible by processes "
                             f"x train.grad_accum ({world} x {task.cfg.train.grad_accum})")
     if dev.type == "cpu":
-        if task.cfg.train.keep_memory:
-            memory.keep_freed_memory()
-        else:
+        if not task.cfg.train.keep_memory:
             memory.automatic = False  # nor at the models' first training forward
+        elif memory.automatic:  # POINTBERT_KEEP_MEMORY=0 holds for the commands too
+            memory.keep_freed_memory()
     gen = torch.Generator(device=dev)
     return Context(device=dev, rank=rank, world_size=world, is_main=rank == 0,
                    amp_dtype=resolve_precision(task.cfg.train.precision, dev), generator=gen, out=out,
