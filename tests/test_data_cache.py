@@ -58,7 +58,7 @@ def test_prepare_command_on_genuine_fixture(tmp_path, capsys):
     assert len(ds) == 40 and ds.classes[:2] == ["airplane", "bathtub"]
     assert isinstance(ds._parts[0]["points"], np.memmap)
     src = ModelNet(MN_FIXTURE, "train", present_only=True)
-    np.testing.assert_allclose(np.sort(ds[7]["points"], 0), np.sort(_fps(src.raw(7), 64), 0))
+    np.testing.assert_allclose(np.sort(ds[7]["points"], 0), np.sort(_fps(src.raw(7), 64, renormalize=True), 0))
     check_contract(ds[7], 64)
     batch = ds.__getitems__([7, 39, 7])  # the DataLoader's batched fetch: same contract, own shuffles
     assert [b["label"] for b in batch] == [0, 1, 0]
@@ -81,8 +81,12 @@ def test_official_fps_presampling_key_staleness_and_rebuild(tmp_path, caplog):
     train = CachedDataset(cache, "train")
     test = build_dataset(DataConfig(dataset="modelnet40", path=str(root)), "test")  # picks the cache up
     assert isinstance(test, CachedDataset) and len(test) == 2 and list(test.labels) == [0, 1]
-    stored = _fps(ModelNet(root, "test").raw(0), 8192)
+    stored = _fps(ModelNet(root, "test").raw(0), 8192, renormalize=True)
     np.testing.assert_array_equal(test[0]["points"], stored)  # test split: stored order
+    # normalised after the FPS pre-sampling, as the official loader normalises its 8192-point cache
+    np.testing.assert_allclose(stored.mean(0), 0, atol=1e-6)
+    assert abs(np.linalg.norm(stored, axis=1).max() - 1) < 1e-6
+    np.testing.assert_array_equal(ModelNet(root, "test", num_points=8192)[0]["points"], stored)
     a, b = train[1], train[1]
     assert not np.array_equal(a["points"], b["points"]) and np.array_equal(np.sort(a["points"], 0),
                                                                           np.sort(b["points"], 0))

@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from pointbert.config import DataConfig
 from pointbert.data import build_dataset
@@ -29,8 +30,10 @@ from pointbert.data.official import (
     ShapeNetPart,
     load_numpy_pickle,
     make_fewshot_episode,
+    pc_normalize,
 )
 from pointbert.errors import DataError
+from pointbert.ops import fps
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MN_FIXTURE = SHARED / "fixtures" / "modelnet40_normal_resampled"
@@ -174,8 +177,11 @@ def test_modelnet_fixture_items_official_sampling():
     check_contract(a, 128)
     assert not np.array_equal(a["points"], b["points"])  # train: point order permuted per call
     assert np.array_equal(np.sort(a["points"], 0), np.sort(b["points"], 0))  # same FPS set
-    # the FPS set starts at point 0 and is a set of raw points
-    assert (np.abs(raw[0] - a["points"]).sum(1) < 1e-6).any()
+    # the FPS set starts at point 0 and is a set of raw points, normalised again after the FPS (spec 2.2)
+    idx = fps(torch.from_numpy(raw)[None], 128)[0].numpy()
+    assert idx[0] == 0
+    np.testing.assert_allclose(np.sort(a["points"], 0), np.sort(pc_normalize(raw[idx]), 0), atol=1e-6)
+    np.testing.assert_allclose(a["points"].mean(0), 0, atol=1e-6)
     ten = ModelNet(MN_FIXTURE, "train", num_classes=10, num_points=64, present_only=True)
     assert ten.classes[0] == "bathtub" and len(ten.classes) == 10 and set(ten.labels) == {0}
 

@@ -21,8 +21,9 @@ interrupted run leaves the previous cache intact.
 What is stored: ModelNet from the 10,000-point text files gets the official FPS pre-sampling to 8192
 points (from point 0, like the GPU kernel; the official ``.dat`` files used a random start);
 otherwise the clouds as stored. ``--num-points`` reduces every cloud by FPS. Clouds are stored
-normalised where the official loader normalises the whole cloud (ModelNet, folder); ShapeNet-55
-keeps raw points (its recipe normalises each random subset).
+normalised where the official loader normalises the whole cloud (ModelNet, folder), after any FPS
+reduction, as the official loader normalises what it reads from its FPS cache; ShapeNet-55 keeps raw
+points (its recipe normalises each random subset).
 """
 
 from __future__ import annotations
@@ -116,10 +117,18 @@ def _sources(src: Any, root: Path) -> list[str]:
     return sorted({os.path.relpath(f, root) for f in src.source_files()})
 
 
+def _renormalize(dataset: str) -> bool:
+    """Whether a cloud reduced by FPS is normalised again: the datasets stored normalised (spec 2.2)."""
+    return dataset.startswith("modelnet") or dataset == "folder"
+
+
 def _settings(dataset: str, split: str, num_points: int | None, fps: bool, skip_bad: bool,
               variant: str) -> dict:
-    return {"version": VERSION, "dataset": dataset, "split": split, "num_points": num_points, "fps": fps,
-            "skip_bad": skip_bad, "variant": variant}
+    out = {"version": VERSION, "dataset": dataset, "split": split, "num_points": num_points, "fps": fps,
+           "skip_bad": skip_bad, "variant": variant}
+    if fps and _renormalize(dataset):
+        out["renormalized"] = True  # earlier caches normalised before FPS: their key differs
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,8 +211,8 @@ class _Raw:
     """Map-style view giving (index, cloud, parts, error), the cloud FPS'ed to ``fps`` points when given:
     a DataLoader over it reads and samples in parallel worker processes."""
 
-    def __init__(self, src: Any, fps: int | None):
-        self.src, self.fps = src, fps
+    def __init__(self, src: Any, fps: int | None, renormalize: bool = False):
+        self.src, self.fps, self.renormalize = src, fps, renormalize
 
     def __len__(self) -> int:
         return len(self.src)
@@ -221,7 +230,7 @@ class _Raw:
                 return i, None, None, err
             from .official import _fps
 
-            pts = _fps(pts, self.fps)
+            pts = _fps(pts, self.fps, self.renormalize)
         return i, pts, parts, None
 
 
@@ -248,8 +257,8 @@ def _prepare_split(src: Any, dataset: str, split: str, cache: Path, key: str, nu
         writers[name].write(a if ragged else a[None])
 
     workers = min(4, os.cpu_count() or 1) if n > 64 else 0
-    loader = DataLoader(_Raw(src, num_points if fps else None), batch_size=None, num_workers=workers,
-                        collate_fn=_identity)
+    loader = DataLoader(_Raw(src, num_points if fps else None, _renormalize(dataset)), batch_size=None,
+                        num_workers=workers, collate_fn=_identity)
     try:
         for i, pts, parts, err in tqdm(loader, total=n, desc=f"preparing {dataset} {split}", unit="shape",
                                        disable=None if progress else True, leave=False):

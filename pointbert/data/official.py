@@ -437,19 +437,24 @@ class ModelNet(_Official):
                 log.warning("%s: each item is read from its text file and reduced by FPS to %d points (slow: "
                             "about a second per shape on a CPU); run `pointbert data prepare %s` once",
                             self.root, self.num_points, self.root)
-            points = _fps(points, self.num_points)
+            points = _fps(points, self.num_points, renormalize=True)
         if self.split == "train":
             points = _permuted(points, self._rng(index))
         return {"points": points, "label": self.labels[index]}
 
 
-def _fps(points: np.ndarray, num: int) -> np.ndarray:
-    """Farthest point sampling from point 0 of one cloud (N, 3) -> (num, 3)."""
+def _fps(points: np.ndarray, num: int, renormalize: bool = False) -> np.ndarray:
+    """Farthest point sampling from point 0 of one cloud (N, 3) -> (num, 3).
+
+    ``renormalize``: pc_normalize the sampled cloud again, as the official ModelNet loader normalises
+    the cloud it reads from its FPS cache (spec 2.2), not the full 10,000-point file.
+    """
     import torch
 
     from ..ops import fps
 
-    return points[fps(torch.from_numpy(points)[None], num)[0].numpy()]
+    out = points[fps(torch.from_numpy(points)[None], num)[0].numpy()]
+    return pc_normalize(out) if renormalize else out
 
 
 # --------------------------------------------------------------------------------------------------
