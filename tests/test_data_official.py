@@ -388,6 +388,11 @@ def test_fewshot_official_pickle(tmp_path):
     assert in_unit_sphere(item["points"])
     with pytest.raises(DataError, match="3.pkl: few-shot episode not found"):
         ModelNetFewShot(root, "train", 5, 2, 3)
+    # DATASET.md spells the folders 5way10shot/ (spec 11.15): read as well, also through build_dataset
+    (root / "5way_2shot").rename(root / "5way2shot")
+    assert ModelNetFewShot(root, "test", 5, 2, 0).labels.tolist() == qry.labels.tolist()
+    cfg = DataConfig(dataset="fewshot", path=str(root), way=5, shot=2, fold=0)
+    assert build_dataset(cfg, "train").labels.tolist() == sup.labels.tolist()
 
 
 def test_make_fewshot_episode_protocol():

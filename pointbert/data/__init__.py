@@ -126,7 +126,7 @@ def _fewshot(data_cfg: DataConfig, split: str, seed: int) -> Any:
     from . import official
 
     path, way, shot, fold = data_cfg.path, data_cfg.way, data_cfg.shot, data_cfg.fold
-    if path and (Path(path) / f"{way}way_{shot}shot").is_dir():
+    if path and official.fewshot_dir(path, way, shot):
         return official.ModelNetFewShot(path, split, way, shot, fold, seed=seed)
     if not path:
         base = "synthetic"

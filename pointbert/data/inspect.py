@@ -365,7 +365,7 @@ def _inspect_shapenetpart(path: Path, report: Report, args) -> str:
 
 
 def _inspect_fewshot(path: Path, report: Report, args) -> str:
-    settings = sorted(d for d in path.iterdir() if d.is_dir() and re.fullmatch(r"\d+way_\d+shot", d.name))
+    settings = sorted(d for d in path.iterdir() if d.is_dir() and re.fullmatch(r"\d+way_?\d+shot", d.name))
     if not settings:
         raise DataError(f"{path}: not a few-shot folder (no <way>way_<shot>shot/ subfolders)")
     report.title(f"{path.name}/: official ModelNet40 few-shot (pickled folds; not opened here)")
@@ -423,7 +423,7 @@ def detect_format(path: Path) -> str:
         return "scanobjectnn"
     if (path / "synsetoffset2category.txt").is_file():
         return "shapenetpart"
-    if any(path.glob("*way_*shot/*.pkl")):
+    if any(path.glob("*way*shot/*.pkl")):
         return "fewshot"
     files, dirs = _entries(path)
     if dirs:

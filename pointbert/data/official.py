@@ -462,6 +462,15 @@ def _fps(points: np.ndarray, num: int, renormalize: bool = False) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
+def fewshot_dir(root: str | Path, way: int, shot: int) -> Path | None:
+    """The episode folder of (way, shot) under ``root``: ``5way_10shot/`` as the official loader reads it,
+    or ``5way10shot/`` as its DATASET.md spells it (spec 11.15); None if neither exists."""
+    for name in (f"{way}way_{shot}shot", f"{way}way{shot}shot"):
+        if (Path(root) / name).is_dir():
+            return Path(root) / name
+    return None
+
+
 class ModelNetFewShot(_Official):
     """An official few-shot episode ``{way}way_{shot}shot/{fold}.pkl``: support (train) or query (test) set.
 
@@ -475,7 +484,7 @@ class ModelNetFewShot(_Official):
         root = Path(root)
         _check_split(split, ("train", "test"), root)
         self.root, self.split, self.way, self.shot, self.fold = root, split, way, shot, fold
-        path = root / f"{way}way_{shot}shot" / f"{fold}.pkl"
+        path = (fewshot_dir(root, way, shot) or root / f"{way}way_{shot}shot") / f"{fold}.pkl"
         if not path.is_file():
             raise DataError(f"{path}: few-shot episode not found (folds 0-9 of {way}way_{shot}shot)")
         obj = load_numpy_pickle(path)
