@@ -54,6 +54,8 @@ class BackboneConfig:
     qkv_bias: bool = False
     drop_path_rate: float = 0.1  # linspace(0, rate, depth) (spec 1.4)
     pos_hidden: int = 128  # position MLP 3 -> 128 -> dim (spec 1.5)
+    ffn_act: str = "gelu"  # block MLP activation: gelu as official | relu as the paper's appendix (spec 11.9)
+    pos_every_block: bool = True  # position added before every block, as official; false: at the input only (spec 11.9)
 
 
 @dataclass
@@ -78,6 +80,11 @@ class TokenizerConfig:
     # Gumbel noise of the relaxed sample: "uniform" = -log(-log U) from torch.rand (same distribution,
     # faster on CPU); "exponential" = F.gumbel_softmax's exponential_ draws (the official code's numbers)
     gumbel_noise: str = "uniform"
+    logit_norm: bool = True  # GroupNorm + LeakyReLU(0.2) on the logits, as official; false: plain linear (spec 11.6)
+    # KL against the uniform prior of q = mean over patches of softmax(logits) (spec 11.6): "uniform_q" =
+    # KL(uniform || q), as official; "q_uniform" = KL(q || uniform), the usual direction
+    kl_direction: str = "uniform_q"
+    chamfer_half: bool = True  # loss Chamfer-L1 with the official factor 1/2; false: the paper's, without (spec 11.7)
 
 
 @dataclass
@@ -160,7 +167,7 @@ class TrainConfig:
     extra_epoch: bool = True  # the official loops run epochs 0..max_epoch inclusive (spec 0)
     batch_size: int = 32  # global batch
     grad_accum: int = 1
-    eval_every: int = 1
+    eval_every: int = 1  # evaluate after epochs k, 2k, ... (0-based, skipping 0, spec 4.6/6.2) and the last
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     vote_views: int = 10  # voting: views averaged (spec 6.3)
@@ -555,6 +562,12 @@ def validate(cfg: Config) -> Config:
          "(the folding decoder makes 4 fine points per coarse point)")
     need(t.gumbel_noise in ("uniform", "exponential"),
          f"tokenizer.gumbel_noise must be uniform or exponential, got {t.gumbel_noise!r}")
+    need(t.kl_direction in ("uniform_q", "q_uniform"),
+         f"tokenizer.kl_direction must be uniform_q or q_uniform, got {t.kl_direction!r}")
+    need(b.ffn_act in ("gelu", "relu"), f"backbone.ffn_act must be gelu or relu, got {b.ffn_act!r}")
+    for name, v in [("backbone.pos_every_block", b.pos_every_block), ("tokenizer.logit_norm", t.logit_norm),
+                    ("tokenizer.chamfer_half", t.chamfer_half)]:
+        need(isinstance(v, bool), f"{name} must be true or false, got {v!r}")
     lo, hi = m.mask_ratio
     need(0 <= lo <= hi < 1, f"mpm.mask_ratio must satisfy 0 <= lo <= hi < 1, got {list(m.mask_ratio)}")
     need(m.mask_type in ("block", "random"), f"mpm.mask_type must be block or random, got {m.mask_type!r}")

@@ -104,7 +104,7 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, ctx: Context) -> dict[str, float]:
-        """Metrics after an epoch (every ``train.eval_every`` epochs and after the last one)."""
+        """Metrics after an epoch (epochs eval_every, 2 eval_every, ... counted from 0, and the last one)."""
         return {}
 
     def on_step(self, step: int, epoch: int, ctx: Context) -> None:
@@ -647,7 +647,8 @@ def fit(task: Task, out: str | Path, *, device: str | torch.device | None = None
             sampler.set_epoch(epoch, start_batch=state.batch_in_epoch)
             train_one_epoch(task, train_model, loader, optimizer, scaler, ctx, state, rec, save_last, quiet)
             ctx.step = state.step  # during evaluation: optimizer steps completed
-            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == ctx.num_epochs:
+            # as the official loops: every eval_every epochs, skipping epoch 0 (spec 4.6, 5.6, 6.2); and the last
+            if (epoch > 0 and epoch % cfg.train.eval_every == 0) or epoch + 1 == ctx.num_epochs:
                 state.metrics = _evaluate(task, train_model, ctx)
                 _log_eval(state, ctx, rec)
                 if _improved(task, state):

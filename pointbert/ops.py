@@ -287,14 +287,16 @@ def _safe_sqrt(d: Tensor) -> Tensor:
     return torch.where(pos, torch.where(pos, d, torch.ones_like(d)).sqrt(), torch.zeros_like(d))
 
 
-def chamfer_l1(p: Tensor, q: Tensor) -> Tensor:
+def chamfer_l1(p: Tensor, q: Tensor, half: bool = True) -> Tensor:
     """Chamfer-L1 as the official ``ChamferDistanceL1``: (mean(sqrt d1) + mean(sqrt d2)) / 2.
 
-    Args: p (B, N, 3), q (B, M, 3). Returns a scalar; the means run over all B*N (resp. B*M) points
-    of the batch jointly. Identical or duplicate points give finite (zero) gradients.
+    Args: p (B, N, 3), q (B, M, 3); ``half=False``: the paper's formula, the sum without the 1/2
+    (spec 11.7). Returns a scalar; the means run over all B*N (resp. B*M) points of the batch jointly.
+    Identical or duplicate points give finite (zero) gradients.
     """
     d1, d2 = chamfer(p, q)
-    return (_safe_sqrt(d1).mean() + _safe_sqrt(d2).mean()) / 2
+    total = _safe_sqrt(d1).mean() + _safe_sqrt(d2).mean()
+    return total / 2 if half else total
 
 
 def chamfer_l2(p: Tensor, q: Tensor) -> Tensor:

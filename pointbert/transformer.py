@@ -2,6 +2,8 @@
 
 points (B,N,3) -> group -> PatchEmbed (B,G,C_e) -> reduce_dim (B,G,dim) -> [cls ; tokens]
 with positions [cls_pos ; pos_embed(centers)] re-added before every block -> blocks -> LayerNorm.
+The paper's alternatives (spec 11.9) are config fields: ``backbone.ffn_act="relu"`` (the block MLP's
+activation) and ``backbone.pos_every_block=false`` (positions added once, before the first block).
 """
 
 from __future__ import annotations
@@ -66,11 +68,17 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, L, C))
 
 
+#: the block MLP's activations by ``backbone.ffn_act`` (spec 11.9): the official GELU, the paper's ReLU
+FFN_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
         super().__init__()
+        if act not in FFN_ACTIVATIONS:
+            raise ValueError(f"FFN activation must be one of {', '.join(FFN_ACTIVATIONS)}, got {act!r}")
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = FFN_ACTIVATIONS[act]()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -80,13 +88,14 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """x <- x + DropPath(Attn(LN(x))); x <- x + DropPath(MLP(LN(x)))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float,
+                 act: str = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -106,6 +115,7 @@ class Backbone(nn.Module):
         cfg = cfg or BackboneConfig()
         self.num_patches, self.patch_size = patches.num_patches, patches.patch_size
         self.dim = cfg.dim
+        self.pos_every_block = cfg.pos_every_block  # False: positions added before block 0 only (spec 11.9)
         self.patch_embed = PatchEmbed(patches.embed_dim, patches.hidden_dims)
         self.reduce_dim = nn.Linear(patches.embed_dim, cfg.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
@@ -113,7 +123,7 @@ class Backbone(nn.Module):
         self.pos_embed = nn.Sequential(nn.Linear(3, cfg.pos_hidden), nn.GELU(), nn.Linear(cfg.pos_hidden, cfg.dim))
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, r) for r in rates)
+            Block(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, r, cfg.ffn_act) for r in rates)
         self.norm = nn.LayerNorm(cfg.dim)
 
     def no_weight_decay(self) -> set[str]:
@@ -135,10 +145,15 @@ class Backbone(nn.Module):
         pos = torch.cat([self.cls_pos.expand(B, -1, -1), self.pos_embed(centers)], dim=1)
         return x, pos
 
+    def block_input(self, x: Tensor, pos: Tensor, i: int) -> Tensor:
+        """Input of block ``i``: ``x + pos`` before every block (official), or before block 0 only
+        (``pos_every_block=False``, the paper's single combination at the input, spec 11.9)."""
+        return x + pos if self.pos_every_block or i == 0 else x
+
     def encode(self, x: Tensor, pos: Tensor) -> Tensor:
         """Blocks with the position re-added before each, then the final LayerNorm: (B, L, dim) -> (B, L, dim)."""
-        for blk in self.blocks:
-            x = blk(x + pos)
+        for i, blk in enumerate(self.blocks):
+            x = blk(self.block_input(x, pos, i))
         return self.norm(x)
 
     def forward_tokens(self, neighborhoods: Tensor, centers: Tensor, mask: Tensor | None = None,
@@ -173,7 +188,7 @@ class Backbone(nn.Module):
             raise ValueError(f"block indices {list(indices)} out of range 0..{len(self.blocks) - 1}")
         found: dict[int, Tensor] = {}
         for i, blk in enumerate(self.blocks[: wanted[-1] + 1]):
-            x = blk(x + pos)
+            x = blk(self.block_input(x, pos, i))
             if i in wanted:
                 found[i] = self.norm(x)[:, 1:]
         return [found[i] for i in indices], centers

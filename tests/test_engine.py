@@ -252,17 +252,17 @@ def test_gradients_are_clipped_to_the_l2_norm(tmp_path, monkeypatch):
 
 def test_run_folder_contents_and_checkpoints(tmp_path):
     out = tmp_path / "run"
-    result = fit(ToyTask(toy_cfg(epochs=3, eval_every=2)), out, device="cpu", quiet=True)
+    result = fit(ToyTask(toy_cfg(epochs=6, eval_every=4)), out, device="cpu", quiet=True)
     for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "curves.png", "log.txt"):
         assert (out / name).is_file(), name
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["kind"] == "eval"]
-    assert [r["epoch"] for r in evals] == [1, 2]  # every 2 epochs, and after the last one
+    assert [r["epoch"] for r in evals] == [4, 5]  # every 4 epochs skipping epoch 0 (official), and the last
     train = [r for r in rows if r["kind"] == "train"]
-    assert [r["step"] for r in train] == list(range(1, 13))
+    assert [r["step"] for r in train] == list(range(1, 25))
     assert {"lr", "loss", "samples_per_s", "time", "epoch"} <= set(train[0])
     last = load_checkpoint(out / "last.pt")
-    assert last["step"] == 12 and last["epoch"] == 3 and last["finished"]
+    assert last["step"] == 24 and last["epoch"] == 6 and last["finished"]
     assert {"optimizer", "scaler", "rng", "task", "best_metrics", "batch_in_epoch"} <= set(last)
     assert result["acc"] == evals[-1]["acc"] and result["best_acc"] == max(r["acc"] for r in evals)
     best = load_checkpoint(out / "best.pt")

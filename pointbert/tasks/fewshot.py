@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..checkpoint import atomic_write_bytes
 from ..config import Config, ConfigError, apply_dict, validate
+from ..data.official import fewshot_dir
 from ..engine import fit
 
 
@@ -92,10 +92,10 @@ def fewshot_command(args: argparse.Namespace) -> int:
     out = out_dir(args, "fewshot")
     way, shot = cfg.data.way, cfg.data.shot
     every = cfg.train.eval_every
+    episodes = fewshot_dir(cfg.data.path, way, shot) if cfg.data.path else None
     report: dict[str, Any] = {
         "way": way, "shot": shot, "init": args.init or "scratch (random initialisation)",
-        "episodes": (f"official pickles {cfg.data.path}/{way}way_{shot}shot/<fold>.pkl"
-                     if cfg.data.path and (Path(cfg.data.path) / f"{way}way_{shot}shot").is_dir()
+        "episodes": (f"official pickles {episodes}/<fold>.pkl" if episodes
                      else f"drawn from {cfg.data.path or 'synthetic shapes'}, seeded by the fold"),
         "protocol": (f"fine-tune on the support set for {cfg.train.epochs + cfg.train.extra_epoch} epochs, "
                      f"evaluate on the query set every {every} epoch(s); best = the best query accuracy over "
