@@ -84,14 +84,12 @@ def save_checkpoint(path: str | Path, cfg: Config, model: nn.Module | dict[str, 
 
 def load_checkpoint(path: str | Path, kinds: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Read a pointbert checkpoint safely (weights only) and check its format and kind."""
+    from .official import read_official
+
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable weights-only checkpoint ({msg[:200]})") from None
+        raise CheckpointError(f"{path}: no such checkpoint file" + (" (a folder)" if path.is_dir() else ""))
+    ckpt = read_official(path)  # weights only: a file that needs code is refused, naming what it needs
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         hint = ""
         if isinstance(ckpt, dict) and ({"base_model", "model", "model_state_dict"} & set(ckpt)):

@@ -226,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()
         return 0
+    except OSError as e:  # a path the user gave that cannot be read or written: one line, no traceback
+        if e.filename is None:
+            raise
+        print(f"pointbert {name}: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"pointbert {name}: interrupted", file=sys.stderr)
         return 130

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,16 +149,28 @@ def read_official(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: no such file")
     allowed = _numpy_scalar_globals()
     try:
-        with torch.serialization.safe_globals(allowed):
+        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol")  # old files: harmless
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         bad = _unsafe_globals(path, str(e), _allowed_names(allowed))
         if bad:
             raise CheckpointError(f"{path}: weights-only loading refuses to unpickle {', '.join(bad[:3])}: "
                                   "loading it would execute code") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({_what_file(path, e)})") from None
     except Exception as e:  # noqa: BLE001 - truncated, not a torch file, ...
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({_what_file(path, e)})") from None
+
+
+def _what_file(path: Path, e: BaseException) -> str:
+    """Why torch could not read ``path``, in words: a plain pickle, a text file, or torch's own reason."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x04", b"\x05"):
+        return "a plain Python pickle, not written by torch.save; weights-only loading cannot read it"
+    if head and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return "it is a text file"
+    return _first_line(e)
 
 
 def _unsafe_globals(path: Path, message: str, allowed: set[str]) -> list[str]:
@@ -176,7 +189,8 @@ def _first_line(e: BaseException) -> str:
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1]
     lines = [s.strip() for s in text.splitlines() if s.strip()]
-    return (lines[0] if lines else type(e).__name__)[:200]
+    first = lines[0].split(". ")[0].rstrip(".") if lines else type(e).__name__  # torch appends advice
+    return first[:200]
 
 
 def official_state_dict(obj: Any, where: str = "checkpoint") -> tuple[dict[str, Tensor], str, int]:

@@ -6,6 +6,10 @@
     decode:  DGCNN over the same graph (B,G,C_d) -> folding decoder -> coarse (B,G,K/4,3), fine (B,G,K,3)
     loss:    Chamfer-L1(coarse) + Chamfer-L1(fine) against every patch, + beta(step) * KL(uniform || mean_G q)
 
+The paper's alternatives to the official choices are config fields (spec 11.6-11.7): ``tokenizer.logit_norm``
+(false: no GroupNorm + LeakyReLU on the logits), ``tokenizer.kl_direction`` (``q_uniform``: KL(mean_G q ||
+uniform)) and ``tokenizer.chamfer_half`` (false: Chamfer-L1 without the factor 1/2).
+
 At pre-training time only the encoder half is used: a patch's token is ``argmax`` of its logits
 (:meth:`DiscreteVAE.tokenize`, spec 4.7), with no Gumbel noise.
 
@@ -30,6 +34,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .config import Config, TokenizerConfig
+from .errors import CheckpointError
 from .patches import PatchEmbed, group
 
 # --------------------------------------------------------------------------------------------------
@@ -102,23 +107,26 @@ class DGCNN(nn.Module):
     input_trans (C_in -> 128) -> layer1..4 (edge features, conv, GroupNorm, LeakyReLU, max over k)
     with widths 256, 512, 512, 1024 -> concat (2304) -> layer5 (conv, GroupNorm, LeakyReLU) -> C_out.
     The graph joins each center to its k nearest centers, itself included. Note that layer5's
-    GroupNorm and LeakyReLU also apply when the output is the token logits (spec 11.6).
+    GroupNorm and LeakyReLU also apply when the output is the token logits (spec 11.6); ``out_norm=False``
+    leaves them out, layer5 is then its bias-free linear map alone (``layer5.0``, no ``layer5.1`` keys).
     """
 
     #: fast path (on): each EdgeConv layer through :func:`edge_conv`, k times fewer multiply-adds.
     split_edges = True
 
     def __init__(self, in_dim: int, out_dim: int, k: int = 4,
-                 dims: tuple[int, ...] = (128, 256, 512, 512, 1024)):
+                 dims: tuple[int, ...] = (128, 256, 512, 512, 1024), out_norm: bool = True):
         super().__init__()
-        self.k = k
+        self.k, self.out_norm = k, out_norm
         self.input_trans = nn.Linear(in_dim, dims[0])
         c = dims[0]
         self.edge_layers = len(dims) - 1
         for i, w in enumerate(dims[1:], start=1):
             setattr(self, f"layer{i}", _conv_block(2 * c, w))
             c = w
-        setattr(self, f"layer{len(dims)}", _conv_block(sum(dims[1:]), out_dim))
+        out = _conv_block(sum(dims[1:]), out_dim) if out_norm else nn.Sequential(
+            nn.Linear(sum(dims[1:]), out_dim, bias=False))
+        setattr(self, f"layer{len(dims)}", out)
 
     def graph(self, centers: Tensor) -> Tensor:
         """centers (B, G, 3) -> (B, G, k) indices of each center's k nearest centers (self first)."""
@@ -211,7 +219,7 @@ class TokenizerOutput(NamedTuple):
 
     neighborhoods: Tensor  # (B, G, K, 3) ground-truth patches, local coordinates
     centers: Tensor  # (B, G, 3)
-    logits: Tensor  # (B, G, V) dgcnn_1 output (after its GroupNorm + LeakyReLU)
+    logits: Tensor  # (B, G, V) dgcnn_1 output (after its GroupNorm + LeakyReLU unless logit_norm is off)
     soft_one_hot: Tensor  # (B, G, V) Gumbel-softmax sample (one-hot rows when hard=True)
     coarse: Tensor  # (B, G, K/4, 3) local
     fine: Tensor  # (B, G, K, 3) local
@@ -240,13 +248,27 @@ class DiscreteVAE(nn.Module):
         self.num_patches, self.patch_size = p.num_patches, p.patch_size
         self.vocab_size = t.vocab_size
         self.patch_embed = PatchEmbed(p.embed_dim, p.hidden_dims)
-        self.dgcnn_1 = DGCNN(p.embed_dim, t.vocab_size, k=t.dgcnn_k, dims=t.dgcnn_dims)
+        self.dgcnn_1 = DGCNN(p.embed_dim, t.vocab_size, k=t.dgcnn_k, dims=t.dgcnn_dims, out_norm=t.logit_norm)
         self.codebook = nn.Parameter(torch.randn(t.vocab_size, t.token_dim))
         self.dgcnn_2 = DGCNN(t.token_dim, t.decoder_dim, k=t.dgcnn_k, dims=t.dgcnn_dims)
         self.decoder = FoldingDecoder(t.decoder_dim, num_fine=p.patch_size, hidden=t.decoder_hidden,
                                       fold_hidden=t.fold_hidden)
         if t.gumbel_noise == "exponential":
             self.uniform_noise = False
+        self.kl_direction, self.chamfer_half = t.kl_direction, t.chamfer_half  # loss options (spec 11.6-11.7)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A strict load whose weights have the logit GroupNorm while the model has none (or the other way
+        round) fails with one line naming ``tokenizer.logit_norm``, before the key-by-key mismatch."""
+        last = f"{prefix}dgcnn_1.layer{self.dgcnn_1.edge_layers + 1}."
+        if strict and f"{last}0.weight" in state_dict and (f"{last}1.weight" in state_dict) != self.dgcnn_1.out_norm:
+            has = f"{last}1.weight" in state_dict
+            raise CheckpointError(f"the dVAE weights {'have' if has else 'lack'} the GroupNorm on the logits "
+                                  f"({last}1.*), the model was built with tokenizer.logit_norm="
+                                  f"{str(self.dgcnn_1.out_norm).lower()}: set tokenizer.logit_norm={str(has).lower()}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def group(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """points (B, N, 3) -> neighborhoods (B, G, K, 3) local, centers (B, G, 3)."""
@@ -311,13 +333,15 @@ class DiscreteVAE(nn.Module):
         """(reconstruction, KL) scalars; the training loss is ``recon + kl_weight(step) * kl`` (spec 4.3).
 
         recon = CD-L1(coarse, patch) + CD-L1(fine, patch), all B*G patches as separate sets, CD-L1 with
-        the official 1/2. kl = :func:`kl_to_uniform` of the logits.
+        the official 1/2 (without it if ``tokenizer.chamfer_half`` is off, spec 11.7). kl =
+        :func:`kl_to_uniform` of the logits in the direction ``tokenizer.kl_direction`` (spec 11.6).
         """
         B, G, K, _ = out.neighborhoods.shape
         gt = out.neighborhoods.reshape(B * G, K, 3)
-        recon = (ops.chamfer_l1(out.coarse.reshape(B * G, -1, 3), gt)
-                 + ops.chamfer_l1(out.fine.reshape(B * G, -1, 3), gt))
-        return recon, kl_to_uniform(out.logits)
+        half = self.chamfer_half
+        recon = (ops.chamfer_l1(out.coarse.reshape(B * G, -1, 3), gt, half)
+                 + ops.chamfer_l1(out.fine.reshape(B * G, -1, 3), gt, half))
+        return recon, kl_to_uniform(out.logits, self.kl_direction)
 
 
 def gumbel_softmax(logits: Tensor, tau: float = 1.0, hard: bool = False, noise: str = "exponential") -> Tensor:
@@ -369,15 +393,22 @@ class _MeanSoftmax(torch.autograd.Function):
         return (g - s @ g.transpose(1, 2)).mul_(s)  # (B, G, V) - (B, G, 1), times s
 
 
-def kl_to_uniform(logits: Tensor) -> Tensor:
+def kl_to_uniform(logits: Tensor, direction: str = "uniform_q") -> Tensor:
     """mean_b KL(Uniform || q_b), q_b = mean over the G patches of softmax(logits) (spec 4.3).
 
     logits (B, G, V) -> scalar. No Gumbel noise, no temperature; computed as the official
     ``F.kl_div(log q, log U, log_target=True, reduction="batchmean")``.
+    ``direction="q_uniform"``: the usual direction mean_b KL(q_b || Uniform) = mean_b sum_v q_bv (log q_bv + log V)
+    instead (spec 11.6), with log q_b from log-softmax (finite even where a q_bv underflows to 0).
     """
-    log_q = _MeanSoftmax.apply(logits).log()  # (B, V)
-    log_uniform = torch.log(torch.tensor(1.0 / logits.shape[-1], dtype=log_q.dtype, device=log_q.device))
-    return F.kl_div(log_q, log_uniform.expand_as(log_q), reduction="batchmean", log_target=True)
+    if direction == "uniform_q":
+        log_q = _MeanSoftmax.apply(logits).log()  # (B, V)
+        log_uniform = torch.log(torch.tensor(1.0 / logits.shape[-1], dtype=log_q.dtype, device=log_q.device))
+        return F.kl_div(log_q, log_uniform.expand_as(log_q), reduction="batchmean", log_target=True)
+    if direction == "q_uniform":
+        log_q = torch.logsumexp(logits.log_softmax(dim=-1), dim=1) - math.log(logits.shape[1])  # (B, V)
+        return (log_q.exp() * (log_q + math.log(logits.shape[-1]))).sum(dim=-1).mean()
+    raise ValueError(f"KL direction must be 'uniform_q' or 'q_uniform', got {direction!r}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,6 +55,11 @@ def test_yaml_names_its_base_preset(tmp_path):
     ("train.compile_mode=fast", "train.compile_mode must be one of default, reduce-overhead"),
     ("data.num_points=8", "data.num_points"),
     ("optim.lr=-1", "optim.lr"),
+    ("backbone.ffn_act=swish", "backbone.ffn_act must be gelu or relu, got 'swish'"),
+    ("backbone.pos_every_block=1", "expected true/false"),
+    ("tokenizer.kl_direction=forward", "tokenizer.kl_direction must be uniform_q or q_uniform, got 'forward'"),
+    ("tokenizer.logit_norm=maybe", "expected true/false"),
+    ("tokenizer.chamfer_half=0", "expected true/false"),
     ("nonsense", "section.field=value"),
 ])
 def test_bad_values_give_one_clear_line(override, message):
@@ -74,3 +79,20 @@ def test_missing_yaml_and_unknown_preset_and_wrong_kind(tmp_path):
     bad.write_text("backbone: [1, 2\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         build_config(yaml_path=bad)
+
+
+def test_paper_alternatives_default_to_the_official_code_and_are_settable():
+    """spec 11.6, 11.7, 11.9: official behaviour by default, the paper's one override away; non-bools refused."""
+    c = preset("tiny-classifier")
+    assert (c.backbone.ffn_act, c.backbone.pos_every_block) == ("gelu", True)
+    assert (c.tokenizer.logit_norm, c.tokenizer.kl_direction, c.tokenizer.chamfer_half) == (True, "uniform_q", True)
+    c = build_config("tiny-classifier", overrides=[
+        "backbone.ffn_act=relu", "backbone.pos_every_block=false", "tokenizer.logit_norm=false",
+        "tokenizer.kl_direction=q_uniform", "tokenizer.chamfer_half=false"])
+    assert (c.backbone.ffn_act, c.backbone.pos_every_block) == ("relu", False)
+    assert (c.tokenizer.logit_norm, c.tokenizer.kl_direction, c.tokenizer.chamfer_half) == (False, "q_uniform", False)
+    for section, name in (("backbone", "pos_every_block"), ("tokenizer", "logit_norm"), ("tokenizer", "chamfer_half")):
+        bad = preset("tiny-classifier")
+        setattr(getattr(bad, section), name, "no")  # set in code, past the YAML typing
+        with pytest.raises(ConfigError, match=f"^{section}.{name} must be true or false, got 'no'$"):
+            validate(bad)

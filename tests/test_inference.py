@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -237,12 +239,23 @@ def test_bad_inputs_exit_2(ckpts, tmp_path, capsys):
 
     good = tmp_path / "good.npy"
     np.save(good, np.random.default_rng(3).normal(size=(300, 3)).astype(np.float32))
+    evil, plain, text = tmp_path / "evil.pt", tmp_path / "plain.pkl", tmp_path / "config.yaml"
+    torch.save({"model": print}, evil)
+    plain.write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    text.write_text("model: {}\n")
+    numpy_meta = tmp_path / "ModelNet_1k.pth"
+    torch.save({"base_model": {"module.cls_token": torch.zeros(1, 1, 8)}, "acc": np.float64(93.2)}, numpy_meta)
     checkpoint_cases = [
         ("predict", ckpts["tokenizer"], "is a tokenizer checkpoint, expected classifier"),
         ("tokenize", ckpts["classifier"], "is a classifier checkpoint, expected tokenizer or pretrain"),
         ("embed", ckpts["tokenizer"], "expected pretrain or classifier"),
         ("embed", official, "convert it with `pointbert import`"),
         ("embed", tmp_path / "missing.pt", "no such checkpoint file"),
+        ("embed", tmp_path, "no such checkpoint file (a folder)"),
+        ("predict", evil, "refuses to unpickle builtins.print: loading it would execute code"),
+        ("predict", plain, "a plain Python pickle, not written by torch.save"),
+        ("predict", text, "not a PyTorch checkpoint file (it is a text file)"),
+        ("predict", numpy_meta, "convert it with `pointbert import`"),  # numpy scalars: readable, not ours
     ]
     for command, ckpt, phrase in checkpoint_cases:
         code, _, err = run(capsys, command, ckpt, good, "--out", tmp_path / "o.npy")
@@ -254,3 +267,6 @@ def test_bad_inputs_exit_2(ckpts, tmp_path, capsys):
             continue
         code, _, err = run(capsys, "predict", ckpts["classifier"], good, "--out", tmp_path / "o.npy", *flags)
         assert code == 2 and phrase in err and err.count("\n") == 1, err
+    # an output path that cannot be written: one line naming it, no traceback
+    code, _, err = run(capsys, "embed", ckpts["classifier"], good, "--out", good / "f.npy")  # under a file
+    assert code == 2 and err.count("\n") == 1 and "good.npy" in err and "Traceback" not in err, err

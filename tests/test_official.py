@@ -517,6 +517,27 @@ def test_tokenizer_ids_and_reconstruction_match_official():
         assert close(model.decode(ids, center)[1], ref.decode(ids, center), 1e-4)
 
 
+def test_import_keeps_the_official_options_and_refuses_mismatched_logit_norm():
+    """The importer builds the official behaviour (spec 11.6, 11.7, 11.9); the GroupNorm on the logits is part
+    of the official weights, so a model without it refuses them, and a file without it is incomplete."""
+    from pointbert.tokenizer import DiscreteVAE
+
+    state = official_state("tokenizer", SMALL, seed=None)
+    cfg, model, _ = convert_official(state, num_points=256)
+    t = cfg.tokenizer
+    assert (t.logit_norm, t.kl_direction, t.chamfer_half) == (True, "uniform_q", True)
+    assert (cfg.backbone.ffn_act, cfg.backbone.pos_every_block) == ("gelu", True) and model.dgcnn_1.out_norm
+    cfg.tokenizer.logit_norm = False
+    with pytest.raises(CheckpointError, match="tokenizer.logit_norm=true"):
+        DiscreteVAE(cfg).load_state_dict(model.state_dict())
+    lacking = {k: v for k, v in state.items() if not k.startswith("dgcnn_1.layer5.1.")}
+    with pytest.raises(CheckpointError, match=r"not a complete official tokenizer checkpoint: 2 tensor\(s\) missing"):
+        convert_official(lacking)
+    cfg, model, _ = convert_official(official_state("classifier", SMALL, seed=None))
+    assert (cfg.backbone.ffn_act, cfg.backbone.pos_every_block) == ("gelu", True)
+    assert all(isinstance(b.mlp.act, nn.GELU) for b in model.backbone.blocks)
+
+
 def test_pretrain_matches_official_and_drops_momentum(capsys):
     state = official_state("pretrain", SMALL)
     cfg, model, report = convert_official({"base_model": state, "metrics": {"acc": np.float64(0.87)}},

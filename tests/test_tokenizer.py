@@ -466,3 +466,114 @@ def test_gumbel_noise_config_key():
     cfg.tokenizer.gumbel_noise = "normal"
     with pytest.raises(ConfigError, match="tokenizer.gumbel_noise"):
         validate(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's alternatives (spec 11.6-11.7): plain logits, KL(q || uniform), Chamfer-L1 without 1/2
+# --------------------------------------------------------------------------------------------------
+
+
+def tiny_with(**fields) -> DiscreteVAE:
+    cfg = preset("tiny-tokenizer")
+    for k, v in fields.items():
+        setattr(cfg.tokenizer, k, v)
+    torch.manual_seed(0)
+    return DiscreteVAE(validate(cfg))
+
+
+def test_official_loss_options_are_the_defaults():
+    t = Config(kind="tokenizer").tokenizer
+    assert (t.logit_norm, t.kl_direction, t.chamfer_half) == (True, "uniform_q", True)
+    m = tiny_with()
+    assert m.dgcnn_1.out_norm and m.dgcnn_2.out_norm and (m.kl_direction, m.chamfer_half) == ("uniform_q", True)
+
+
+def test_chamfer_without_half_is_twice_the_official():
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(6, 8, 3, generator=g), torch.randn(6, 5, 3, generator=g)
+    assert torch.equal(ops.chamfer_l1(p, q, half=False), 2 * ops.chamfer_l1(p, q))
+    assert ops.chamfer_l1(p, q, half=False).item() == pytest.approx(2 * brute_chamfer_l1(p.numpy(), q.numpy()),
+                                                                    rel=1e-5)
+    half, full = tiny_with(), tiny_with(chamfer_half=False)
+    torch.manual_seed(0)
+    out = half(clouds(2, 256))
+    recon, kl = half.loss(out)
+    recon2, kl2 = full.loss(out)  # same weights, same sample: only the loss differs
+    assert torch.equal(recon2, 2 * recon) and torch.equal(kl2, kl)
+
+
+def test_kl_q_to_uniform_against_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    V = 7
+    logits = (2 * torch.randn(3, 5, V, generator=g)).double().requires_grad_()
+    q = logits.softmax(-1).mean(1)  # (B, V): q_b = mean over patches
+    ref = sum(sum(q[b, n] * math.log(q[b, n].item() * V) for n in range(V)) for b in range(3)) / 3
+    kl = kl_to_uniform(logits, "q_uniform")
+    assert kl.item() == pytest.approx(ref.item(), rel=1e-12)
+    official = kl_to_uniform(logits, "uniform_q")
+    ref_official = sum(sum((1 / V) * (math.log(1 / V) - math.log(q[b, n].item())) for n in range(V))
+                       for b in range(3)) / 3
+    assert official.item() == pytest.approx(ref_official, rel=1e-12) and kl.item() != pytest.approx(official.item())
+    assert torch.equal(kl_to_uniform(logits), official)  # the official direction is the default
+    grad, ref_grad = torch.autograd.grad(kl, logits)[0], torch.autograd.grad(
+        (q * (q * V).log()).sum(-1).mean(), logits)[0]
+    torch.testing.assert_close(grad, ref_grad)
+    assert kl_to_uniform(torch.zeros(2, 4, V), "q_uniform").abs() < 1e-6  # uniform usage costs nothing
+    peaked = torch.full((1, 2, V), -200.0)  # softmax underflows to 0 for all but word 0: still finite
+    peaked[..., 0] = 200.0
+    peaked.requires_grad_()
+    kl_peaked = kl_to_uniform(peaked, "q_uniform")
+    assert kl_peaked.item() == pytest.approx(math.log(V), rel=1e-5)  # a one-hot q: KL = log V
+    kl_peaked.backward()
+    assert torch.isfinite(peaked.grad).all()
+    with pytest.raises(ValueError, match="KL direction"):
+        kl_to_uniform(logits, "forward")
+    model = tiny_with(kl_direction="q_uniform")
+    torch.manual_seed(0)
+    out = model(clouds(2, 256))
+    assert torch.equal(model.loss(out)[1], kl_to_uniform(out.logits, "q_uniform"))
+
+
+def test_logit_norm_off_gives_the_plain_linear_logits():
+    normed, plain = tiny_with().eval(), tiny_with(logit_norm=False).eval()
+    ref_keys = set(normed.state_dict())
+    assert set(plain.state_dict()) == ref_keys - {"dgcnn_1.layer5.1.weight", "dgcnn_1.layer5.1.bias"}
+    assert all(torch.equal(v, normed.state_dict()[k]) for k, v in plain.state_dict().items())  # same seeded weights
+    assert len(plain.dgcnn_1.layer5) == 1 and plain.dgcnn_1.layer5[0].bias is None
+    assert len(plain.dgcnn_2.layer5) == 3  # the decoder's DGCNN keeps its GroupNorm + LeakyReLU
+    randomise_norms(normed.dgcnn_1.layer5)
+    captured = []
+    normed.dgcnn_1.layer5.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    nb, centers = normed.group(clouds(2, 256))
+    with torch.no_grad():
+        official = normed.logits(nb, centers)
+        h = F.linear(captured[0], normed.dgcnn_1.layer5[0].weight)  # (B, G, V): the concat of the EdgeConv levels
+        gn = normed.dgcnn_1.layer5[1]
+        ref_official = F.leaky_relu(F.group_norm(h.transpose(1, 2), 4, gn.weight, gn.bias, gn.eps).transpose(1, 2), 0.2)
+        torch.testing.assert_close(official, ref_official)
+        torch.testing.assert_close(plain.logits(nb, centers), h, rtol=0, atol=0)
+        assert torch.equal(plain.tokenize_patches(nb, centers), h.argmax(-1))
+
+
+def test_logit_norm_mismatch_fails_with_one_clear_line(tmp_path):
+    from pointbert.checkpoint import load_model, save_checkpoint
+    from pointbert.errors import CheckpointError
+    from pointbert.mpm import PointBERT
+
+    normed, plain = tiny_with(), tiny_with(logit_norm=False)
+    with pytest.raises(CheckpointError, match=r"have the GroupNorm .* set tokenizer.logit_norm=true$") as e:
+        plain.load_state_dict(normed.state_dict())
+    assert "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match=r"lack the GroupNorm .*dgcnn_1.layer5.1.*set tokenizer.logit_norm=false"):
+        normed.load_state_dict(plain.state_dict())
+    cfg = preset("tiny-pretrain")  # the frozen tokenizer of pre-training: same check under the "tokenizer." prefix
+    with pytest.raises(CheckpointError, match="tokenizer.logit_norm=false"):
+        PointBERT(cfg).load_tokenizer(plain.state_dict())
+    cfg.tokenizer.logit_norm = False
+    PointBERT(cfg).load_tokenizer(plain.state_dict())  # matching options load strictly
+    plain.load_state_dict(plain.state_dict(), strict=False)
+    tok = preset("tiny-tokenizer")
+    tok.tokenizer.logit_norm = False
+    save_checkpoint(tmp_path / "t.pt", tok, plain)
+    loaded, _ = load_model(tmp_path / "t.pt")
+    assert not loaded.dgcnn_1.out_norm and loaded.state_dict().keys() == plain.state_dict().keys()

@@ -8,7 +8,7 @@ from torch import nn
 
 from pointbert.config import BackboneConfig, PatchConfig, preset
 from pointbert.patches import PatchEmbed, group
-from pointbert.transformer import Attention, Backbone, DropPath, init_trunc_normal
+from pointbert.transformer import Attention, Backbone, DropPath, Mlp, init_trunc_normal
 
 
 def _tiny_backbone(seed=0):
@@ -207,3 +207,62 @@ def test_drop_path_rate_can_be_changed_after_construction():
     dp.p = 0.5
     kept = dp(x)[:, 0] != 0
     assert 1700 < kept.sum() < 2300 and dp.keep.item() == 0.5
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's alternatives (spec 11.9): ReLU in the block MLP, positions added once at the input
+# --------------------------------------------------------------------------------------------------
+
+
+def _tiny_backbone_with(**fields):
+    torch.manual_seed(0)
+    cfg = preset("tiny-classifier")
+    for k, v in fields.items():
+        setattr(cfg.backbone, k, v)
+    return Backbone(cfg.patches, cfg.backbone).eval()
+
+
+def test_ffn_activation_gelu_by_default_relu_as_the_paper():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    for act, ref_act in (("gelu", torch.nn.functional.gelu), ("relu", torch.relu)):
+        torch.manual_seed(1)
+        mlp = Mlp(8, 16, act)
+        torch.testing.assert_close(mlp(x), mlp.fc2(ref_act(mlp.fc1(x))), rtol=0, atol=0)
+    torch.manual_seed(1)
+    assert isinstance(Mlp(8, 16).act, nn.GELU)  # default
+    with pytest.raises(ValueError, match="FFN activation"):
+        Mlp(8, 16, "swish")
+    gelu, relu = _tiny_backbone_with(), _tiny_backbone_with(ffn_act="relu")
+    assert BackboneConfig().ffn_act == "gelu" and all(isinstance(b.mlp.act, nn.GELU) for b in gelu.blocks)
+    assert all(isinstance(b.mlp.act, nn.ReLU) for b in relu.blocks)
+    assert all(isinstance(m, nn.GELU) for m in (gelu.pos_embed[1], relu.pos_embed[1]))  # only the block MLP
+    sd_g, sd_r = gelu.state_dict(), relu.state_dict()  # no parameters change: same keys, same seeded values
+    assert sd_g.keys() == sd_r.keys() and all(torch.equal(sd_g[k], sd_r[k]) for k in sd_g)
+    points = torch.randn(2, 256, 3)
+    assert not torch.allclose(gelu(points), relu(points))
+
+
+def test_position_added_once_at_the_input_when_switched_off():
+    every, once = _tiny_backbone_with(), _tiny_backbone_with(pos_every_block=False)
+    assert BackboneConfig().pos_every_block is True and every.pos_every_block and not once.pos_every_block
+    points = torch.randn(2, 256, 3)
+    nb, c = once.group(points)
+    x, pos = once.embed(nb, c)
+    assert pos.abs().amin(-1).gt(0).all()  # every token has a non-trivial position to look for
+    seen = {m: [] for m in (every, once)}
+    for m in (every, once):
+        for blk in m.blocks:
+            blk.register_forward_pre_hook(lambda mod, args, s=seen[m]: s.append(args[0].clone()))
+        out = m.forward_features(points)
+    # block 0 sees x + pos in both; block 1 sees block 0's output, plus pos only in the official order
+    for m in (every, once):
+        torch.testing.assert_close(seen[m][0], x + pos, rtol=0, atol=0)
+    torch.testing.assert_close(seen[once][1], once.blocks[0](x + pos), rtol=0, atol=0)
+    torch.testing.assert_close(seen[every][1], every.blocks[0](x + pos) + pos, rtol=0, atol=0)
+    ref = once.norm(once.blocks[1](once.blocks[0](x + pos)))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert not torch.allclose(out, every.forward_features(points))
+    feats, _ = once.forward_intermediates(points, indices=(0, 1))
+    torch.testing.assert_close(feats[1], ref[:, 1:], rtol=0, atol=0)
+    torch.testing.assert_close(feats[0], once.norm(once.blocks[0](x + pos))[:, 1:], rtol=0, atol=0)
