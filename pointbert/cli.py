@@ -59,6 +59,8 @@ def _add_train_args(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (kept under torchrun)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that already holds a run (default: refuse)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (one log line per epoch)")
 
 

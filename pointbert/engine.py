@@ -572,8 +572,8 @@ def fit(task: Task, out: str | Path, *, device: str | torch.device | None = None
     if resume and not last_path.is_file():
         raise TrainingError(f"{last_path}: no checkpoint to resume from; run without --resume to start")
     if not resume and not overwrite and last_path.is_file():
-        raise TrainingError(f"{out} already holds a run (last.pt); pass --resume to continue it "
-                            "or choose another --out")
+        raise TrainingError(f"{out} already holds a run (last.pt); pass --resume to continue it, "
+                            "--overwrite to start it again, or choose another --out")
 
     if cfg.train.compile and ctx.device.type == "cpu" and not any(
             shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c):

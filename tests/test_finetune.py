@@ -191,6 +191,13 @@ def test_finetune_then_evaluate_with_voting(tmp_path, small_synthetic, capsys):
     assert main(["finetune", "--out", str(out), "--resume", "--quiet"]) == 0
     assert "already finished" in capsys.readouterr().out
     assert load_checkpoint(out / "last.pt")["step"] == 48 // 8
+    # the same command without --resume does not wipe the finished run
+    before = (out / "last.pt").read_bytes()
+    assert main(["finetune", "--preset", "tiny-classifier", "--data", "synthetic", "--out", str(out),
+                 "--scratch", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds a run" in err and "--overwrite" in err
+    assert (out / "last.pt").read_bytes() == before
 
 
 def test_command_errors_are_one_line_exit_2(tmp_path, small_synthetic, capsys):

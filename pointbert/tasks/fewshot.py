@@ -110,7 +110,8 @@ def fewshot_command(args: argparse.Namespace) -> int:
                   flush=True)
         fold_cfg = validate(apply_dict(cfg, {"data": {"fold": fold}}, where=f"fold {fold}"))
         task = ClassificationTask(fold_cfg, init=args.init, scratch=args.scratch, resume=resume)
-        result = fit(task, fold_out, device=args.device, resume=resume, quiet=args.quiet)
+        result = fit(task, fold_out, device=args.device, resume=resume, quiet=args.quiet,
+                     overwrite=args.overwrite)
         row = {"fold": fold, "best_acc": result["best_acc"], "best_epoch": int(result["best_epoch"]),
                "last_acc": result["acc"]}
         report["folds"].append(row)

@@ -335,7 +335,7 @@ def finetune_command(args: Any) -> int:
     cfg = config_from_args(args, "classifier", "modelnet40-1k", stage="finetune")
     task = ClassificationTask(cfg, init=args.init, scratch=args.scratch, resume=args.resume)
     out = out_dir(args, "finetune")
-    result = fit(task, out, device=args.device, resume=args.resume, quiet=args.quiet)
+    result = fit(task, out, device=args.device, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if _is_main_process() and result:
         print(f"best acc {result.get('best_acc', float('nan')):.2f} % (epoch {result.get('best_epoch')}), "
               f"last acc {result.get('acc', float('nan')):.2f} %; checkpoints in {out}")

@@ -162,7 +162,7 @@ def partseg_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, "partseg", "partseg", stage="partseg")
     out = out_dir(args, "partseg")
     task = PartSegTask(cfg, init=args.init, scratch=args.scratch, resume=args.resume)
-    result = fit(task, out, device=args.device, resume=args.resume, quiet=args.quiet)
+    result = fit(task, out, device=args.device, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     if result and int(os.environ.get("RANK", "0")) == 0:
         r = {k: result.get(k, float("nan")) for k in PartSegTask.reported}
         print(f"instance mIoU {r['instance_miou']:.2f} % (best {r['max_instance_miou']:.2f} %), class mIoU "

@@ -142,5 +142,5 @@ def pretrain_command(args: argparse.Namespace) -> int:
                           "`pointbert train-tokenizer` or `pointbert import` of the official dVAE.pth)")
     cfg = config_from_args(args, "pretrain", "pretrain", stage="pretrain")
     task = PretrainTask(cfg, args.tokenizer if not resuming else None)
-    fit(task, out, device=args.device, resume=args.resume, quiet=args.quiet)
+    fit(task, out, device=args.device, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
     return 0

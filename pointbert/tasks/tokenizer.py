@@ -105,5 +105,5 @@ def train_tokenizer_command(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args, "tokenizer", "tokenizer", stage="tokenizer")
     fit(TokenizerTask(cfg), out_dir(args, "tokenizer"), device=args.device, resume=args.resume,
-        quiet=args.quiet)
+        quiet=args.quiet, overwrite=args.overwrite)
     return 0
