@@ -109,6 +109,20 @@ def config_of(ckpt: dict[str, Any], where: str = "checkpoint") -> Config:
         raise CheckpointError(f"{where}: invalid stored config ({e})") from None
 
 
+def describe_mismatch(model: nn.Module, state: dict[str, Any]) -> str:
+    """Why ``state`` does not load strictly into ``model``, in one line: missing, unexpected, other shapes."""
+    own = model.state_dict()
+    parts = []
+    for what, names in (("missing", [k for k in own if k not in state]),
+                        ("unexpected", [k for k in state if k not in own]),
+                        ("other shape", [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                                         if k in state and hasattr(state[k], "shape")
+                                         and state[k].shape != own[k].shape])):
+        if names:
+            parts.append(f"{len(names)} {what}, e.g. {', '.join(names[:2])}")
+    return "; ".join(parts) or "the tensors do not load"
+
+
 def load_model(path: str | Path, kinds: tuple[str, ...] | None = None,
                device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model from the file alone, load its weights strictly, put it in eval mode."""
@@ -117,8 +131,9 @@ def load_model(path: str | Path, kinds: tuple[str, ...] | None = None,
     model = build_model(cfg)
     try:
         model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
+    except RuntimeError:
+        raise CheckpointError(f"{path}: weights do not match the stored config "
+                              f"({describe_mismatch(model, ckpt['model'])})") from None
     return model.to(device).eval(), ckpt
 
 

@@ -60,7 +60,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import memory
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import describe_mismatch, load_checkpoint, save_checkpoint
 from .config import Config, OptimConfig, save_yaml
 from .errors import CheckpointError, PointBERTError
 from .transformer import compile_blocks
@@ -872,9 +872,10 @@ def _restore(path: Path, task: Task, model: nn.Module, optimizer: torch.optim.Op
     ckpt = load_checkpoint(path, (ctx.cfg.kind,))
     try:
         model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
+    except RuntimeError:
         raise CheckpointError(f"{path}: weights do not match this run's config "
-                              f"({str(e).splitlines()[0]})") from None
+                              f"({describe_mismatch(model, ckpt['model'])}); resume with the run's own "
+                              "settings, or start a new run with another --out") from None
     if "optimizer" not in ckpt:
         raise CheckpointError(f"{path}: holds no optimizer state; it is not a training checkpoint")
     optimizer.load_state_dict(ckpt["optimizer"])

@@ -211,8 +211,11 @@ def render_command(args) -> int:
     import torch
 
     from .checkpoint import config_of, load_model
+    from .errors import PointBERTError
     from .inference import load_clouds
 
+    if args.max_clouds < 1:
+        raise PointBERTError(f"--max-clouds must be positive, got {args.max_clouds}")
     model, ckpt = load_model(args.checkpoint, ("tokenizer", "pretrain", "classifier"))
     cfg = config_of(ckpt, args.checkpoint)
     points, names = load_clouds(args.input, args.num_points or cfg.data.num_points, args.normalize)

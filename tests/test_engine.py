@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pointbert import engine
-from pointbert.checkpoint import load_checkpoint, load_model
+from pointbert.checkpoint import describe_mismatch, load_checkpoint, load_model
 from pointbert.config import Config, OptimConfig, preset
 from pointbert.data.synthetic import SyntheticShapes
 from pointbert.engine import Context, EpochSampler, SeededItems, Task, TrainingError, fit, lr_at
@@ -405,3 +405,11 @@ def test_compile_on_cpu_without_a_compiler_is_a_clear_error(tmp_path, monkeypatc
     cfg.train.compile = True
     with pytest.raises(TrainingError, match="needs a C.. compiler"):
         fit(ToyTask(cfg), tmp_path / "nocxx", device="cpu", quiet=True)
+
+
+def test_describe_mismatch_names_missing_unexpected_and_other_shapes():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    state = {"0.weight": torch.zeros(5, 3), "0.bias": torch.zeros(5), "9.scale": torch.ones(1)}
+    msg = describe_mismatch(model, state)
+    assert msg == ("2 missing, e.g. 1.weight, 1.bias; 1 unexpected, e.g. 9.scale; "
+                   "2 other shape, e.g. 0.weight (5, 3) vs (4, 3), 0.bias (5,) vs (4,)")

@@ -158,7 +158,8 @@ def _check_present(files: list[Path], present_only: bool, where: Path, what: str
         missing = [str(f.relative_to(where)) for i, f in enumerate(files) if i not in kept]
         raise DataError(f"{where}: {len(missing)} of {len(files)} files listed in {what} are missing "
                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
-                        f"pass present_only=True to use the {len(keep)} present ones")
+                        f"`pointbert data prepare --skip-bad` (present_only=True in Python) uses the {len(keep)} "
+                        "present ones")
     if not keep:
         raise DataError(f"{where}: none of the {len(files)} files listed in {what} is present")
     return keep
