@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scratch", action="store_true", help="train from random initialisation (no --init)")
 
     p = sub.add_parser("evaluate", help="test accuracy of a classifier checkpoint, optionally with voting")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a classifier checkpoint (best.pt of finetune, or from `pointbert import`)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     p.add_argument("--data", default=None, help="the test data (default: the checkpoint's)")
     p.add_argument("--vote", action="store_true", help="also the voting accuracy of spec 6.3")
@@ -148,22 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fewshot", help="few-shot episodes: fine-tune per fold, report mean +- std (spec 6.4)")
     _add_train_args(p, "fewshot")
     p.add_argument("--init", default=None, help="a pre-training checkpoint (omit with --scratch)")
-    p.add_argument("--scratch", action="store_true")
-    p.add_argument("--way", type=int, default=None)
-    p.add_argument("--shot", type=int, default=None)
+    p.add_argument("--scratch", action="store_true", help="train from random initialisation (no --init)")
+    p.add_argument("--way", type=int, default=None, help="classes per episode (default: the preset's, 5)")
+    p.add_argument("--shot", type=int, default=None, help="training shapes per class (default: the preset's, 10)")
     p.add_argument("--folds", default="0-9", help="folds to run: 0-9, or 0,3,5 (default 0-9)")
 
     p = sub.add_parser("partseg", help="part segmentation fine-tuning (ShapeNetPart recipe, spec 6.5)")
     _add_train_args(p, "partseg")
-    p.add_argument("--init", default=None)
-    p.add_argument("--scratch", action="store_true")
+    p.add_argument("--init", default=None, help="a pre-training checkpoint to start from (omit with --scratch)")
+    p.add_argument("--scratch", action="store_true", help="train from random initialisation (no --init)")
 
     p = sub.add_parser("probe", help="linear SVM on frozen backbone features: train split -> test split accuracy")
     p.add_argument("--init", default=None, help="a pre-training or classifier checkpoint (omit with --random)")
     p.add_argument("--random", action="store_true", help="probe a randomly initialised backbone instead")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
-    p.add_argument("--preset", default=None)
-    p.add_argument("--data", default=None)
+    p.add_argument("--preset", default=None, help="config preset of the --random model (default pretrain)")
+    p.add_argument("--data", default=None, help="dataset name or folder (default: the checkpoint's)")
     p.add_argument("--feature", choices=["backbone", "projection"], default="backbone",
                    help="backbone: [cls ; max] (2*dim); projection: the pre-training cls head (spec 5.6)")
     p.add_argument("--device", default=None)
@@ -173,11 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("render", help="a PNG of clouds with their patches, masks, token ids and reconstructions "
                                       "(tokenizer / pre-training checkpoints) or predicted classes (classifiers)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a tokenizer, pre-training or classifier checkpoint")
     p.add_argument("input", help="a .npy (N,3) or (B,N,3), a point-cloud file, or a folder of them")
     p.add_argument("--out", required=True, help="the PNG to write")
-    p.add_argument("--num-points", type=int, default=None)
-    p.add_argument("--normalize", action="store_true")
+    p.add_argument("--num-points", type=int, default=None, help="points per cloud (default: the checkpoint's)")
+    p.add_argument("--normalize", action="store_true", help="centre and scale each cloud into the unit sphere")
     p.add_argument("--max-clouds", type=int, default=4, help="render at most this many clouds (default 4)")
 
     data = sub.add_parser("data", help="inspect and prepare datasets")

@@ -52,7 +52,8 @@ def apply_data_arg(cfg: Config, data: str | None) -> Config:
                               "(one subfolder per class, or an official dataset layout)")
         if fmt not in DATASETS:
             raise ConfigError(f"--data {data}: detected a {fmt!r} dataset, which this loader does not read")
-        return apply_dict(cfg, {"data": {"dataset": fmt, "path": str(path)}}, where="--data")
+        # absolute: `evaluate CKPT` and `--resume` read it again from any working directory
+        return apply_dict(cfg, {"data": {"dataset": fmt, "path": str(path.resolve())}}, where="--data")
     if data in DATASETS:
         return apply_dict(cfg, {"data": {"dataset": data}}, where="--data")
     raise ConfigError(f"--data {data}: no such folder, and not a built-in dataset ({', '.join(DATASETS)})")
