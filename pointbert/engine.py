@@ -636,6 +636,9 @@ def fit(task: Task, out: str | Path, *, device: str | torch.device | None = None
             f"{ctx.world_size} x {ctx.device} ({precision}), "
             f"{len(dataset)} samples, {ctx.num_epochs} epochs x {ctx.steps_per_epoch} steps of "
             f"{cfg.train.batch_size}, out {out}")
+    if cfg.optim.warmup_epochs >= cfg.train.epochs > 0:
+        ctx.log(f"warning: optim.warmup_epochs ({cfg.optim.warmup_epochs}) >= train.epochs ({cfg.train.epochs}): "
+                "the learning rate stays in its warm-up, below optim.lr, for the whole run")
 
     def save_last() -> None:
         _save(last_path, task, model, optimizer, scaler, state, ctx)

@@ -239,8 +239,10 @@ class PointBERT(nn.Module):
 
     @torch.no_grad()
     def targets(self, neighborhoods: Tensor, centers: Tensor) -> Tensor:
-        """Token ids (B, G) from the frozen tokenizer (spec 5.5 step 2)."""
-        return self.tokenizer.logits(neighborhoods, centers).argmax(-1)
+        """Token ids (B, G) from the frozen tokenizer (spec 5.5 step 2), always in fp32: under bf16 autocast
+        the argmax over the vocabulary picks another token for about one patch in ten."""
+        with torch.autocast(neighborhoods.device.type, enabled=False):
+            return self.tokenizer.logits(neighborhoods.float(), centers.float()).argmax(-1)
 
     def forward(self, points: Tensor) -> PretrainOutput:
         """points (B, N, 3), already augmented -> losses of one training step (spec 5.5)."""

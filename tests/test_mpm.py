@@ -213,3 +213,23 @@ def test_predict_masked_predicts_tokens_only_from_visible_patches_and_renders(tm
     assert panel["points"].shape == (visible * K + masked * model.tokenizer.decoder.num_fine, 3)
     right = float((predicted[0][mask[0]] == target[0][mask[0]]).float().mean())
     assert f"{100 * right:.0f}% of ids right" in panel["title"]
+
+
+def test_token_targets_are_fp32_under_bf16_autocast():
+    """The argmax over the vocabulary is precision-sensitive: the official targets are fp32 (spec 5.5)."""
+    model, cfg = _tiny_pointbert()
+    seen = []
+    logits = model.tokenizer.logits
+
+    def spy(nb, c):
+        out = logits(nb, c)
+        seen.append((nb.dtype, out.dtype, torch.is_autocast_enabled("cpu")))
+        return out
+
+    model.tokenizer.logits = spy
+    points = torch.rand(2, cfg.data.num_points, 3)
+    nb, centers = model.query.backbone.group(points)
+    plain = model.targets(nb, centers)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model.targets(nb, centers), plain)
+    assert seen == [(torch.float32, torch.float32, False)] * 2

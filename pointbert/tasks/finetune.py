@@ -352,7 +352,8 @@ def evaluate_command(args: Any) -> int:
     if args.batch_size is not None and args.batch_size <= 0:
         raise PointBERTError(f"--batch-size must be positive, got {args.batch_size}")
     batch_size = args.batch_size or cfg.train.batch_size
-    amp_dtype = resolve_precision(cfg.train.precision, device)
+    # fp32 unless asked (train.precision=bf16): the reported accuracies are fp32 measurements
+    amp_dtype = resolve_precision("fp32" if cfg.train.precision == "auto" else cfg.train.precision, device)
 
     from ..data import build_dataset
 
