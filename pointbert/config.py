@@ -172,6 +172,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     vote_views: int = 10  # voting: views averaged (spec 6.3)
     vote_repeats: int = 9  # voting: repetitions, max reported (spec 6.3)
+    vote_above: float = 90.0  # fine-tuning: one vote pass when acc > this and a new best, or acc > 91.5,
+    # keeping best_vote.pt (the official ckpt-best_vote, spec 6.2); 101 = never
     sync_bn: bool = False
     checkpoint_every: int = 200  # also save `last` every this many steps (0: at epoch ends only)
     log_every: int = 10  # steps between metric-log lines

@@ -86,6 +86,7 @@ class Task:
 
     monitor: str = "acc"  # metric of ``evaluate`` that selects ``best.pt`` ("" = no best checkpoint)
     mode: str = "max"  # "max" or "min"
+    also_best: dict[str, str] = {}  # other metrics (same mode) with a best file: {"vote_acc": "best_vote.pt"}
     find_unused_parameters: bool = False  # DDP: some parameters get no gradient in some steps
 
     def __init__(self, cfg: Config):
@@ -546,6 +547,7 @@ class _State:
     batch_in_epoch: int = 0  # optimizer steps completed in ``epoch``
     metrics: dict[str, float] = field(default_factory=dict)  # latest evaluation
     best_metrics: dict[str, float] = field(default_factory=dict)  # evaluation of the best epoch (+ "epoch")
+    also_best: dict[str, float] = field(default_factory=dict)  # best value of each of ``task.also_best``
     finished: bool = False
 
 
@@ -658,6 +660,12 @@ def fit(task: Task, out: str | Path, *, device: str | torch.device | None = None
                     state.best_metrics = {**state.metrics, "epoch": epoch}
                     if ctx.is_main:
                         _save(out / "best.pt", task, model, None, None, state, ctx, rng=False)
+                for key, name in task.also_best.items():
+                    new, old = state.metrics.get(key), state.also_best.get(key)
+                    if new is not None and (old is None or (new > old if task.mode == "max" else new < old)):
+                        state.also_best[key] = new
+                        if ctx.is_main:
+                            _save(out / name, task, model, None, None, state, ctx, rng=False)
             state.epoch, state.batch_in_epoch = epoch + 1, 0
             state.finished = state.epoch >= ctx.num_epochs
             save_last()
@@ -804,7 +812,7 @@ def _log_eval(state: _State, ctx: Context, rec: _Recorder) -> None:
 
 
 def _result(state: _State) -> dict[str, float]:
-    return {**state.metrics, **{f"best_{k}": v for k, v in state.best_metrics.items()}}
+    return {**state.metrics, **{f"best_{k}": v for k, v in {**state.best_metrics, **state.also_best}.items()}}
 
 
 def _setup_context(task: Task, out: Path, device: str | torch.device | None) -> Context:
@@ -866,7 +874,8 @@ def _save(path: Path, task: Task, model: nn.Module, optimizer: torch.optim.Optim
         extra["rng"] = states
     save_checkpoint(path, ctx.cfg, unwrap(model), step=state.step, epoch=state.epoch,
                     batch_in_epoch=state.batch_in_epoch, metrics=state.metrics,
-                    best_metrics=state.best_metrics, finished=state.finished, world_size=ctx.world_size,
+                    best_metrics=state.best_metrics, also_best=state.also_best, finished=state.finished,
+                    world_size=ctx.world_size,
                     task=task.state_dict(), **extra, **task.checkpoint_extra())
 
 
@@ -894,5 +903,5 @@ def _restore(path: Path, task: Task, model: nn.Module, optimizer: torch.optim.Op
         _seed_all(_derive_seed(ctx.cfg.train.seed, ctx.rank, ckpt["step"]), ctx)
     return _State(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]),
                   batch_in_epoch=int(ckpt["batch_in_epoch"]), metrics=dict(ckpt.get("metrics", {})),
-                  best_metrics=dict(ckpt.get("best_metrics", {})),
+                  best_metrics=dict(ckpt.get("best_metrics", {})), also_best=dict(ckpt.get("also_best", {})),
                   finished=bool(ckpt.get("finished", False)))

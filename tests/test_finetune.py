@@ -212,3 +212,24 @@ def test_command_errors_are_one_line_exit_2(tmp_path, small_synthetic, capsys):
     assert main(["finetune", "--preset", "tiny-classifier", "--data", str(tmp_path / "no"), "--scratch"]) == 2
     assert "no such folder" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_vote_validation_during_training_keeps_best_vote(tmp_path):
+    """Spec 6.2: one vote pass when acc > 91.5, or a new best above 90 (here train.vote_above=0, so every
+    new best); best_vote.pt keeps the best vote accuracy, also across a resume."""
+    from pointbert.engine import fit
+
+    task = tiny_task(scratch=True)
+    task.cfg.train.epochs, task.cfg.train.eval_every, task.cfg.train.vote_above = 3, 1, 0.0
+    result = fit(task, tmp_path / "run", device="cpu", quiet=True)
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    best, expect_vote = -1.0, []
+    for r in evals:
+        expect_vote.append(r["acc"] > 91.5 or (r["acc"] > best and r["acc"] > 0))
+        best = max(best, r["acc"])
+    assert [("vote_acc" in r) for r in evals] == expect_vote and expect_vote[0]
+    votes = [r["vote_acc"] for r in evals if "vote_acc" in r]
+    assert result["best_vote_acc"] == max(votes)
+    saved = load_checkpoint(tmp_path / "run" / "best_vote.pt")
+    assert saved["also_best"] == {"vote_acc": max(votes)}
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["task"] == {"best_acc": best}
