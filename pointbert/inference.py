@@ -263,18 +263,28 @@ def _setup(args: argparse.Namespace, command: str, pool: bool = False):
     if num_points < need:
         raise PointBERTError(f"--num-points {num_points}: the model groups {cfg.patches.num_patches} patches "
                              f"of {cfg.patches.patch_size} points, it needs at least {need}")
+    if Path(args.out).is_dir():
+        raise PointBERTError(f"--out {args.out}: is a folder; give a file name such as {Path(args.out) / 'out.npy'}")
     read = max(num_points, cfg.data.point_pool) if pool else num_points
-    points, names = load_clouds(args.input, read, args.normalize, min_points=need,
-                                warn=lambda m: print(f"pointbert {command}: warning: {m}", file=sys.stderr))
+    say = lambda m: print(f"pointbert {command}: warning: {m}", file=sys.stderr)  # noqa: E731
+    points, names = load_clouds(args.input, read, args.normalize, min_points=need, warn=say)
+    if not args.normalize:
+        radius = np.linalg.norm(points - points.mean(1, keepdims=True), axis=-1).max()
+        if radius > 2:
+            say(f"{args.input}: clouds reach {radius:.3g} from their centre; the models are trained on clouds "
+                "inside the unit sphere: pass --normalize")
     return model, ckpt, points, names, num_points
 
 
-def _save(out: str, array: np.ndarray, what: str) -> None:
+def _save(out: str, array: np.ndarray, what: str, names: list[str]) -> None:
+    """Write ``array`` to exactly ``out`` and the cloud names, one per row, to ``<out stem>.names.txt``."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, array)
-    shown = path if path.suffix == ".npy" else path.with_name(path.name + ".npy")
-    print(f"wrote {what} {tuple(array.shape)} {array.dtype} to {shown}")
+    with open(path, "wb") as f:
+        np.save(f, array)
+    listing = path.with_name(path.stem + ".names.txt")
+    listing.write_text("".join(f"{n}\n" for n in names))
+    print(f"wrote {what} {tuple(array.shape)} {array.dtype} to {path} (row names in {listing.name})")
 
 
 def predict_command(args: argparse.Namespace) -> int:
@@ -292,7 +302,7 @@ def predict_command(args: argparse.Namespace) -> int:
     width = max(map(len, names))
     for name, p, idx in zip(names, top.values.tolist(), top.indices.tolist()):
         print(f"{name:<{width}}  " + "  ".join(f"{classes[i]} ({q:.3f})" for i, q in zip(idx, p)))
-    _save(args.out, logits, "logits")
+    _save(args.out, logits, "logits", names)
     return 0
 
 
@@ -304,7 +314,7 @@ def tokenize_command(args: argparse.Namespace) -> int:
     for name, row in zip(names, tokens):
         shown = " ".join(map(str, row[:8])) + (" ..." if len(row) > 8 else "")
         print(f"{name:<{width}}  {len(np.unique(row))} distinct of {len(row)}: {shown}")
-    _save(args.out, tokens, "token ids")
+    _save(args.out, tokens, "token ids", names)
     return 0
 
 
@@ -312,7 +322,9 @@ def embed_command(args: argparse.Namespace) -> int:
     """``pointbert embed CKPT INPUT --out features.npy``: (B, 2*dim) float32 features."""
     model, _, points, names, _ = _setup(args, "embed")
     features = embed(model, points, batch_size=args.batch_size)
-    for i, name in enumerate(names):
+    for i, name in enumerate(names[:10]):
         print(f"{i}  {name}")
-    _save(args.out, features, "features")
+    if len(names) > 10:
+        print(f"... {len(names) - 10} more")
+    _save(args.out, features, "features", names)
     return 0

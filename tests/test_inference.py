@@ -40,17 +40,17 @@ def ckpts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
+    root = tmp_path_factory.mktemp("inputs")  # clouds about the size of the unit sphere
     rng = np.random.default_rng(0)
     single = root / "single.npy"
-    np.save(single, rng.normal(size=(400, 3)).astype(np.float32))
+    np.save(single, 0.3 * rng.normal(size=(400, 3)).astype(np.float32))
     batch = root / "batch.npy"
-    np.save(batch, rng.normal(size=(5, 300, 6)).astype(np.float32))  # xyz + normals
+    np.save(batch, 0.3 * rng.normal(size=(5, 300, 6)).astype(np.float32))  # xyz + normals
     folder = root / "folder"
     folder.mkdir()
-    np.save(folder / "b_cloud.npy", rng.normal(size=(500, 3)).astype(np.float32))
-    np.savetxt(folder / "a_cloud.txt", rng.normal(size=(350, 6)), delimiter=",")
-    np.save(folder / "c_cloud.npy", rng.normal(size=(256, 3)).astype(np.float32))
+    np.save(folder / "b_cloud.npy", 0.3 * rng.normal(size=(500, 3)).astype(np.float32))
+    np.savetxt(folder / "a_cloud.txt", 0.3 * rng.normal(size=(350, 6)), delimiter=",")
+    np.save(folder / "c_cloud.npy", 0.3 * rng.normal(size=(256, 3)).astype(np.float32))
     (folder / "notes.md").write_text("ignored\n")
     return {"single": single, "batch": batch, "folder": folder, "txt": folder / "a_cloud.txt"}
 
@@ -238,7 +238,7 @@ def test_bad_inputs_exit_2(ckpts, tmp_path, capsys):
         assert "Traceback" not in err and out == ""
 
     good = tmp_path / "good.npy"
-    np.save(good, np.random.default_rng(3).normal(size=(300, 3)).astype(np.float32))
+    np.save(good, 0.3 * np.random.default_rng(3).normal(size=(300, 3)).astype(np.float32))
     evil, plain, text = tmp_path / "evil.pt", tmp_path / "plain.pkl", tmp_path / "config.yaml"
     torch.save({"model": print}, evil)
     plain.write_bytes(pickle.dumps({"a": 1}, protocol=4))
@@ -270,3 +270,19 @@ def test_bad_inputs_exit_2(ckpts, tmp_path, capsys):
     # an output path that cannot be written: one line naming it, no traceback
     code, _, err = run(capsys, "embed", ckpts["classifier"], good, "--out", good / "f.npy")  # under a file
     assert code == 2 and err.count("\n") == 1 and "good.npy" in err and "Traceback" not in err, err
+
+
+def test_outputs_exact_name_row_names_and_scale_warning(ckpts, inputs, tmp_path, capsys):
+    out = tmp_path / "feats.bin"  # written under exactly the name given, with the row names beside it
+    code, printed, err = run(capsys, "embed", ckpts["classifier"], inputs["folder"], "--out", out)
+    assert code == 0 and err == "" and "feats.names.txt" in printed
+    assert np.load(out).shape[0] == 3 and not (tmp_path / "feats.bin.npy").exists()
+    assert (tmp_path / "feats.names.txt").read_text().split() == ["a_cloud.txt", "b_cloud.npy", "c_cloud.npy"]
+    code, _, err = run(capsys, "predict", ckpts["classifier"], inputs["single"], "--out", tmp_path)
+    assert code == 2 and "is a folder" in err and err.count("\n") == 1
+    big = tmp_path / "big.npy"
+    np.save(big, 50 * np.load(inputs["single"]))
+    code, _, err = run(capsys, "predict", ckpts["classifier"], big, "--out", tmp_path / "l.npy")
+    assert code == 0 and "pass --normalize" in err
+    code, _, err = run(capsys, "predict", ckpts["classifier"], big, "--out", tmp_path / "l.npy", "--normalize")
+    assert code == 0 and err == ""
