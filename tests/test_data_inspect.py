@@ -12,6 +12,7 @@ import pytest
 
 from pointbert.cli import main
 from pointbert.data.inspect import detect_format, inspect_command
+from pointbert.data.official import ShapeNet55
 from pointbert.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -180,6 +181,11 @@ def test_shapenet55(tmp_path, capsys):
     for i, n in enumerate(names):
         np.save(root / "shapenet_pc" / n, unit_cloud(i, 128))
     assert detect_format(tmp_path) == detect_format(root) == "shapenet55"
+    checkout = tmp_path / "Point-BERT"  # data/ShapeNet55-34/ as in a checkout of the official code
+    (checkout / "data").mkdir(parents=True)
+    root.rename(checkout / "data" / "ShapeNet55-34")
+    assert detect_format(checkout) == "shapenet55" and len(ShapeNet55(checkout, "train")) == 2
+    (checkout / "data" / "ShapeNet55-34").rename(root)
     assert run(root) == 0
     assert "official ShapeNet-55" in capsys.readouterr().out
     (root / "shapenet_pc" / names[0]).unlink()

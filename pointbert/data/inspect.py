@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import DataError
 from .folder import _entries, scan_folder
 from .io import MESH_EXTENSIONS, SUPPORTED_EXTENSIONS, read_points
+from .official import shapenet55_root
 
 FORMATS = ("auto", "folder", "file", "modelnet40", "modelnet10", "shapenet55", "scanobjectnn", "fewshot",
            "shapenetpart")
@@ -255,12 +256,8 @@ def _inspect_modelnet(path: Path, report: Report, args, ten: bool = False) -> st
     return f"{name}, {_plural(len(present), 'shape file')} present"
 
 
-def _shapenet_root(path: Path) -> Path:
-    return path / "ShapeNet55-34" if (path / "ShapeNet55-34").is_dir() else path
-
-
 def _inspect_shapenet55(path: Path, report: Report, args) -> str:
-    root = _shapenet_root(path)
+    root = shapenet55_root(path)
     lists, pc = root / "ShapeNet-55", root / "shapenet_pc"
     if not (lists / "train.txt").is_file() and not pc.is_dir():
         raise DataError(f"{path}: not a ShapeNet-55 folder (no ShapeNet-55/train.txt, no shapenet_pc/)")
@@ -416,7 +413,7 @@ def detect_format(path: Path) -> str:
     layout = modelnet_folder_layout(path)
     if layout:
         return layout
-    root = _shapenet_root(path)
+    root = shapenet55_root(path)
     if (root / "ShapeNet-55" / "train.txt").is_file() or (root / "shapenet_pc").is_dir():
         return "shapenet55"
     if any(path.glob("*objectdataset*.h5")) or any(path.glob("*/*objectdataset*.h5")):

@@ -205,6 +205,15 @@ class _Official:
 _SHAPENET_NAME = re.compile(r"^(\d{8})-([^/\\]*)\.npy$")  # the official train list has two "<synset>-.npy"
 
 
+def shapenet55_root(path: Path) -> Path:
+    """The folder holding ``ShapeNet-55/`` and ``shapenet_pc/``: ``path`` itself, its ``ShapeNet55-34/``, or
+    ``data/ShapeNet55-34/`` as in a checkout of the official code."""
+    for root in (path / "ShapeNet55-34", path / "data" / "ShapeNet55-34"):
+        if root.is_dir():
+            return root
+    return path
+
+
 class ShapeNet55(_Official):
     """ShapeNet-55 clouds for the tokenizer and pre-training (no labels used; ``label`` = synset index).
 
@@ -223,8 +232,7 @@ class ShapeNet55(_Official):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: ShapeNet-55 folder not found")
-        if (root / "ShapeNet55-34").is_dir():
-            root = root / "ShapeNet55-34"
+        root = shapenet55_root(root)
         _check_split(split, ("train", "test"), root)
         self.root, self.split, self.num_points, self.whole = root, split, int(num_points), whole
         lists = [root / "ShapeNet-55" / "test.txt"] if whole or split == "test" else []
