@@ -263,7 +263,7 @@ def _partseg() -> Config:  # segmentation/train_partseg.py
 
 
 def _tiny(kind: str) -> Config:
-    """A few-thousand-parameter model for tests: same method, small numbers."""
+    """Small models for tests: same method, small numbers (the tokenizer keeps full-width DGCNN layers)."""
     c = Config(kind=kind)
     c.patches = PatchConfig(num_patches=16, patch_size=8, embed_dim=32)
     c.backbone = BackboneConfig(dim=32, depth=2, num_heads=2, pos_hidden=16, drop_path_rate=0.1)

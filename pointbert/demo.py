@@ -25,6 +25,7 @@ import torch
 
 from .config import Config, apply_overrides, preset, validate
 from .engine import fit
+from .errors import PointBERTError
 
 
 class InMemory:
@@ -120,6 +121,13 @@ def demo_command(args: Any) -> int:
           f"{len(SyntheticShapes().classes)} classes)", flush=True)
     train = InMemory(SyntheticShapes("train", n_pts, size=args.train_size, seed=0))
     test = InMemory(SyntheticShapes("test", n_pts, size=args.test_size, seed=0))
+    need = max(args.shot, args.labels_per_class)  # checked now, not after the tokenizer and pre-training
+    for split, data, least in (("train", train, need), ("test", test, 1)):
+        enough = int((np.bincount(data.labels) >= least).sum())
+        if enough < args.way:
+            raise PointBERTError(f"--{split}-size {len(data)}: only {enough} classes have {least} shapes; the "
+                                 f"few-label steps need {args.way} (raise --{split}-size, or lower --way, --shot or "
+                                 "--labels-per-class)")
 
     # ---- 1. tokenizer, 2. pre-training (no labels are read) --------------------------------------
     print("demo: 1/4 training the point tokenizer (dVAE) without labels", flush=True)
