@@ -85,6 +85,22 @@ def demo_configs(overrides: list[str]) -> dict[str, Config]:
     return cfgs
 
 
+def _same_settings(path: Path, args: Any) -> None:
+    """A rerun continues the stages already done: only with the settings they were made with."""
+    keys = ("overrides", "seeds", "train_size", "test_size", "way", "shot", "fewshot_epochs", "labels_per_class",
+            "finetune_epochs")
+    now = {k: getattr(args, k) for k in keys}
+    now["overrides"] = list(now["overrides"] or [])
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {now[k]}" for k in keys if before.get(k) != now[k]]
+        if changed:
+            raise PointBERTError(f"{path.parent}: holds a demo made with other settings ({'; '.join(changed)}); "
+                                 "rerun with the same settings to continue, or choose another --out")
+    else:
+        path.write_text(json.dumps(now, indent=1) + "\n")
+
+
 def demo_command(args: Any) -> int:
     from .data.official import EpisodeDataset, make_fewshot_episode
     from .data.synthetic import SyntheticShapes
@@ -128,6 +144,7 @@ def demo_command(args: Any) -> int:
             raise PointBERTError(f"--{split}-size {len(data)}: only {enough} classes have {least} shapes; the "
                                  f"few-label steps need {args.way} (raise --{split}-size, or lower --way, --shot or "
                                  "--labels-per-class)")
+    _same_settings(out / "settings.json", args)
 
     # ---- 1. tokenizer, 2. pre-training (no labels are read) --------------------------------------
     print("demo: 1/4 training the point tokenizer (dVAE) without labels", flush=True)

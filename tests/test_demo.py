@@ -25,3 +25,9 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--out", str(out), *TINY]) == 0  # finished runs are reused, not retrained
     assert "trainable parameters" not in capsys.readouterr().out
+    # other settings would mix stages made two ways: refused before any work, naming what changed
+    assert main(["demo", "--out", str(out), *TINY, "--shot", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a demo made with other settings (--shot 2 -> 3)" in err and err.count("\n") == 1
+    assert main(["demo", "--out", str(tmp_path / "small"), "--train-size", "20", "--quiet"]) == 2
+    assert "only 0 classes have 10 shapes" in capsys.readouterr().err
