@@ -18,6 +18,7 @@ COMMANDS = {
     "predict": "pointbert.inference:predict_command",
     "tokenize": "pointbert.inference:tokenize_command",
     "embed": "pointbert.inference:embed_command",
+    "segment": "pointbert.inference:segment_command",
     "train-tokenizer": "pointbert.tasks.tokenizer:train_tokenizer_command",
     "pretrain": "pointbert.tasks.pretrain:pretrain_command",
     "finetune": "pointbert.tasks.finetune:finetune_command",
@@ -121,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("embed", help="backbone features (B, 2*dim): [cls ; max over patches]")
     _add_inference_args(p, "features (B, 2*dim)")
+
+    p = sub.add_parser("segment", help="per-point part labels (B, N) from a part segmentation checkpoint")
+    _add_inference_args(p, "part labels (B, N); the points labelled go to <stem>.points.npy")
+    p.add_argument("--category", required=True,
+                   help="the object category of the clouds (ShapeNetPart: Airplane, Chair, ...; or its index)")
 
     p = sub.add_parser("train-tokenizer", help="train the dVAE point tokenizer (spec 4)")
     _add_train_args(p, "tokenizer")

@@ -1,4 +1,4 @@
-"""Inference with a trained or imported model: ``pointbert predict | tokenize | embed``.
+"""Inference with a trained or imported model: ``pointbert predict | tokenize | embed | segment``.
 
     INPUT (.npy (N,3+) or (B,N,3+), one point-cloud file, or a folder of them)
       -> load_clouds: (B, N, 3) float32 + names   [optional --normalize; FPS from point 0 to num_points]
@@ -6,6 +6,7 @@
       -> predict:  logits (B, num_classes) float32    (classifier; --vote V averages V random views)
          tokenize: token ids (B, G) int64              (tokenizer, or pretrain: its own tokenizer)
          embed:    features (B, 2*dim) float32         (pretrain or classifier backbone: [cls ; max])
+         segment:  part labels (B, N) int64            (part segmentation, clouds of one --category)
 
 Everything is deterministic: FPS and kNN have no randomness, voting views come from ``seed``, and
 the results do not depend on the batch size (BatchNorm uses its running statistics).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -227,12 +228,28 @@ def embed(model: nn.Module, points: Points, *, batch_size: int = 32) -> np.ndarr
     return _batches(lambda x, _: backbone(x.to(device)).float(), points, batch_size, "embed")
 
 
+@torch.inference_mode()
+def segment(model: nn.Module, points: Points, category: int, parts: Sequence[int], *,
+            batch_size: int = 32) -> np.ndarray:
+    """Part labels (B, N) int64 of a part segmentation model in eval mode for clouds of one ``category``:
+    the argmax over that category's ``parts`` only, as the official evaluation (spec 6.5)."""
+    model.eval()
+    device = _device_of(model)
+    allowed = torch.tensor(list(parts), device=device)
+
+    def labels(x: Tensor, _: int) -> Tensor:
+        cat = torch.full((len(x),), category, dtype=torch.long, device=device)
+        return allowed[model(x.to(device), cat).float()[..., allowed].argmax(-1)]
+
+    return _batches(labels, points, batch_size, "segment")
+
+
 # --------------------------------------------------------------------------------------------------
 # Commands
 # --------------------------------------------------------------------------------------------------
 
 KINDS = {"predict": ("classifier",), "tokenize": ("tokenizer", "pretrain"),
-         "embed": ("pretrain", "classifier")}
+         "embed": ("pretrain", "classifier"), "segment": ("partseg",)}
 
 
 def _device(name: str) -> torch.device:
@@ -284,7 +301,7 @@ def _save(out: str, array: np.ndarray, what: str, names: list[str]) -> None:
         np.save(f, array)
     listing = path.with_name(path.stem + ".names.txt")
     listing.write_text("".join(f"{n}\n" for n in names))
-    print(f"wrote {what} {tuple(array.shape)} {array.dtype} to {path} (row names in {listing.name})")
+    print(f"wrote {what} {tuple(array.shape)} {array.dtype} to {path} (row names in {listing.name})", flush=True)
 
 
 def predict_command(args: argparse.Namespace) -> int:
@@ -327,4 +344,33 @@ def embed_command(args: argparse.Namespace) -> int:
     if len(names) > 10:
         print(f"... {len(names) - 10} more")
     _save(args.out, features, "features", names)
+    return 0
+
+
+def segment_command(args: argparse.Namespace) -> int:
+    """``pointbert segment CKPT INPUT --category Chair --out parts.npy``: (B, N) int64 part labels."""
+    from .tasks.partseg import category_parts
+
+    model, ckpt, points, names, _ = _setup(args, "segment")
+    table = category_parts(config_of(ckpt, str(args.checkpoint)).data.dataset)
+    cats = [str(c) for c in table]
+    given = args.category.strip()
+    index = next((i for i, c in enumerate(cats) if c.lower() == given.lower()), None)
+    if index is None and given.isdigit() and int(given) < len(cats):
+        index = int(given)
+    if index is None:
+        raise PointBERTError(f"--category {given!r}: not one of {', '.join(cats)} (or 0-{len(cats) - 1})")
+    parts = list(table[list(table)[index]])
+    labels = segment(model, points, index, parts, batch_size=args.batch_size)
+    width = max(map(len, names))
+    for name, row in zip(names[:10], labels):
+        counts = np.bincount(row, minlength=max(parts) + 1)
+        print(f"{name:<{width}}  {cats[index]}: " + "  ".join(f"part {p} {counts[p]}" for p in parts))
+    if len(names) > 10:
+        print(f"... {len(names) - 10} more")
+    _save(args.out, labels, "part labels", names)
+    where = Path(args.out).with_name(Path(args.out).stem + ".points.npy")
+    with open(where, "wb") as f:
+        np.save(f, points.astype(np.float32))
+    print(f"wrote the points labelled {tuple(points.shape)} to {where}")
     return 0

@@ -286,3 +286,32 @@ def test_outputs_exact_name_row_names_and_scale_warning(ckpts, inputs, tmp_path,
     assert code == 0 and "pass --normalize" in err
     code, _, err = run(capsys, "predict", ckpts["classifier"], big, "--out", tmp_path / "l.npy", "--normalize")
     assert code == 0 and err == ""
+
+
+def test_segment_command_labels_within_the_category(inputs, tmp_path, capsys):
+    from pointbert.data.official import SHAPENETPART_PARTS
+    from pointbert.inference import segment
+
+    cfg = preset("tiny-partseg")
+    cfg.data.dataset = "shapenetpart"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ckpt = tmp_path / "partseg.pt"
+    save_checkpoint(ckpt, cfg, model)
+    out = tmp_path / "parts.npy"
+    code, printed, err = run(capsys, "segment", ckpt, inputs["batch"], "--category", "chair", "--out", out)
+    assert code == 0 and err == "", err
+    labels, points = np.load(out), np.load(tmp_path / "parts.points.npy")
+    assert labels.shape == (5, 256) and points.shape == (5, 256, 3) and labels.dtype == np.int64
+    assert set(np.unique(labels)) <= set(SHAPENETPART_PARTS["Chair"]) and "Chair: part 12" in printed
+    # the restricted argmax, by hand: the model's logits over the chair's parts only
+    chair = list(SHAPENETPART_PARTS).index("Chair")
+    with torch.no_grad():
+        logits = model.eval()(torch.from_numpy(points), torch.full((5,), chair))
+    parts = torch.tensor(SHAPENETPART_PARTS["Chair"])
+    np.testing.assert_array_equal(labels, parts[logits[..., parts].argmax(-1)].numpy())
+    np.testing.assert_array_equal(segment(model, points, chair, parts.tolist(), batch_size=2), labels)
+    code, _, err = run(capsys, "segment", ckpt, inputs["batch"], "--category", "Sofa", "--out", out)
+    assert code == 2 and "not one of Airplane, Bag" in err and err.count("\n") == 1
+    code, _, err = run(capsys, "predict", ckpt, inputs["batch"], "--out", out)
+    assert code == 2 and "is a partseg checkpoint, expected classifier" in err
