@@ -53,12 +53,15 @@ def block_mask(centers: Tensor, ratio: tuple[float, float]) -> Tensor:
 
 
 def random_mask(centers: Tensor, ratio: tuple[float, float]) -> Tensor:
-    """Mask each patch independently with probability r ~ U(lo, hi) per sample (``_mask_center_rand``).
+    """Mask each patch independently with probability r, one r ~ U(lo, hi) for the whole batch, as the
+    official ``_mask_center_rand`` draws it (unused by the released config, spec 5.3).
 
     centers (B, G, 3) -> mask (B, G) bool.
     """
     B, G, _ = centers.shape
-    r = ratio[0] + (ratio[1] - ratio[0]) * torch.rand(B, 1, device=centers.device)
+    if ratio[1] == 0:
+        return torch.zeros(B, G, dtype=torch.bool, device=centers.device)
+    r = ratio[0] + (ratio[1] - ratio[0]) * torch.rand((), device=centers.device)
     return torch.rand(B, G, device=centers.device) < r
 
 
