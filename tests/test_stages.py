@@ -136,6 +136,31 @@ def test_pretrain_features_match_probe_features():
     assert torch.allclose(pooled, model.query.backbone(points), atol=1e-6)
 
 
+def test_probe_drop_last_fits_on_a_seeded_subset_of_whole_batches(monkeypatch):
+    """Spec 5.6 / 11.19: the official probe's shuffled train loader drops its last partial batch."""
+    from pointbert import metrics
+    from pointbert.data.synthetic import SyntheticShapes
+    from pointbert.tasks.probe import run_probe
+
+    fitted = []
+
+    def spy(x_train, y_train, x_test, y_test, standardize=False):
+        fitted.append(torch.as_tensor(x_train).clone())
+        return 0.5
+
+    monkeypatch.setattr(metrics, "svm_probe", spy)
+    train, test = SyntheticShapes("train", num_points=64, size=23), SyntheticShapes("test", num_points=64, size=5)
+    kw = dict(num_points=64, batch_size=8, device=torch.device("cpu"))
+    fn = lambda p: p.mean(1)  # noqa: E731 - a 3-d feature per cloud
+    assert run_probe(fn, train, test, **kw) == [50.0] and len(fitted[-1]) == 23
+    run_probe(fn, train, test, drop_last=(8, 1), **kw)
+    run_probe(fn, train, test, drop_last=(8, 1), **kw)
+    run_probe(fn, train, test, drop_last=(8, 2), **kw)
+    everything = {tuple(r.tolist()) for r in fitted[0]}
+    assert len(fitted[1]) == 16 and {tuple(r.tolist()) for r in fitted[1]} <= everything
+    assert torch.equal(fitted[1], fitted[2]) and not torch.equal(fitted[1], fitted[3])
+
+
 def test_finetune_accepts_the_pretrain_checkpoint(pretrain_run, data, tmp_path):
     out = tmp_path / "ft"
     assert main(["finetune", "--preset", "tiny-classifier", "--init", str(pretrain_run / "last.pt"),

@@ -8,8 +8,9 @@
 * validation: a linear SVM on frozen features of the unmasked query encoder (spec 5.6), trained on the
   train split and scored on the test split of ``data.probe_dataset`` / ``data.probe_path``, for both
   the official 512-d projection (``svm_acc``, selects ``best.pt``) and the backbone's [cls ; max]
-  (``svm_acc_backbone``). Skipped, with a message, when no probe data is configured. Every train shape
-  is used (the official shuffled loader drops its last partial batch: 9,728 of 9,843 with one GPU).
+  (``svm_acc_backbone``). Skipped, with a message, when no probe data is configured. As the official
+  shuffled loader drops its last partial batch, the SVM is fitted on a random ``len - len % batch`` of
+  the train shapes (9,728 of 9,843 at batch 128); ``data.probe_drop_last=false`` uses them all.
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ class PretrainTask(Task):
         proj, backbone = run_probe(features, *self._probe_data, num_points=probe.data.num_points,
                                    batch_size=2 * self.cfg.train.batch_size, device=ctx.device,
                                    num_workers=probe.data.num_workers, progress=False,
-                                   standardize=self.probe_standardize)
+                                   standardize=self.probe_standardize,
+                                   drop_last=((self.cfg.train.batch_size, self.cfg.train.seed * 1009 + ctx.epoch)
+                                              if self.cfg.data.probe_drop_last else None))
         return {"svm_acc": proj, "svm_acc_backbone": backbone}
 
 

@@ -78,8 +78,12 @@ def probe_data_config(cfg: Config) -> Config | None:
 
 def run_probe(fn: Callable[[Tensor], Tensor | tuple[Tensor, ...]], train: Any, test: Any, *, num_points: int,
               batch_size: int, device: torch.device, num_workers: int = 0, progress: bool = True,
-              standardize: bool = False) -> list[float]:
-    """SVM test accuracies (%) of the features ``fn`` returns (one tensor, or a tuple: one accuracy each)."""
+              standardize: bool = False, drop_last: tuple[int, int] | None = None) -> list[float]:
+    """SVM test accuracies (%) of the features ``fn`` returns (one tensor, or a tuple: one accuracy each).
+
+    ``drop_last=(batch, seed)``: fit the SVM on the train shapes a shuffled loader of that batch size with
+    ``drop_last`` yields (a seeded random subset of ``len - len % batch``), as the official probe.
+    """
     from ..metrics import extract_features, svm_probe
 
     def stacked(points: Tensor) -> Tensor:  # all features side by side; ``sizes`` records their widths
@@ -93,6 +97,10 @@ def run_probe(fn: Callable[[Tensor], Tensor | tuple[Tensor, ...]], train: Any, t
     kw = dict(batch_size=batch_size, device=device, num_points=num_points, num_workers=num_workers,
               progress=progress)
     x_train, y_train = extract_features(stacked, train, desc="probe: train features", **kw)
+    if drop_last is not None and len(y_train) >= drop_last[0]:
+        keep = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(drop_last[1])).numpy()
+        keep = keep[: len(keep) - len(keep) % drop_last[0]]
+        x_train, y_train = x_train[keep], y_train[keep]
     x_test, y_test = extract_features(stacked, test, desc="probe: test features", **kw)
     accs, start = [], 0
     for size in sizes:
