@@ -178,6 +178,7 @@ class TrainConfig:
     # keeping best_vote.pt (the official ckpt-best_vote, spec 6.2); 101 = never
     sync_bn: bool = False
     checkpoint_every: int = 200  # also save `last` every this many steps (0: at epoch ends only)
+    keep_epochs: int = 0  # also keep epoch-<e>.pt of the last this many epochs (official: 5 dVAE, 10 pre-training)
     log_every: int = 10  # steps between metric-log lines
     keep_memory: bool = True  # CPU, Linux: keep freed memory for reuse (pointbert.memory; false: glibc's default)
     compile: bool = False  # torch.compile the mini-PointNet and Transformer blocks (no gain measured on CPU)
@@ -219,7 +220,7 @@ def _tokenizer() -> Config:  # cfgs/ShapeNet55_models/dvae.yaml
     c = Config(kind="tokenizer")
     c.data = DataConfig(dataset="shapenet55", num_points=1024, augment="none")
     c.optim = OptimConfig(lr=5e-4, weight_decay=5e-4, warmup_epochs=10, grad_clip=0.0)
-    c.train = TrainConfig(epochs=300, batch_size=64)
+    c.train = TrainConfig(epochs=300, batch_size=64, keep_epochs=5)  # spec 4.6
     return c
 
 
@@ -228,7 +229,7 @@ def _pretrain() -> Config:  # cfgs/Mixup_models/Point-BERT.yaml
     c.data = DataConfig(dataset="shapenet55", num_points=1024, whole=True, augment="scale_translate",
                         probe_dataset="modelnet40")
     c.optim = OptimConfig(lr=5e-4, weight_decay=0.05, warmup_epochs=3, grad_clip=0.0)
-    c.train = TrainConfig(epochs=300, batch_size=128, sync_bn=True)
+    c.train = TrainConfig(epochs=300, batch_size=128, sync_bn=True, keep_epochs=10)  # spec 5.6
     return c
 
 
@@ -549,6 +550,9 @@ def validate(cfg: Config) -> Config:
                     ("train.grad_accum", cfg.train.grad_accum), ("train.eval_every", cfg.train.eval_every),
                     ("mpm.proj_dim", m.proj_dim), ("mpm.queue_size", m.queue_size)]:
         need(v > 0, f"{name} must be positive, got {v}")
+    for name, v in [("train.keep_epochs", cfg.train.keep_epochs),
+                    ("train.checkpoint_every", cfg.train.checkpoint_every)]:
+        need(v >= 0, f"{name} must be >= 0, got {v}")
     need(b.dim % b.num_heads == 0,
          f"backbone.dim ({b.dim}) must be divisible by backbone.num_heads ({b.num_heads})")
     need(0 <= b.drop_path_rate < 1, f"backbone.drop_path_rate must be in [0, 1), got {b.drop_path_rate}")

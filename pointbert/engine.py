@@ -60,7 +60,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import memory
-from .checkpoint import describe_mismatch, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_bytes, describe_mismatch, load_checkpoint, save_checkpoint
 from .config import Config, OptimConfig, save_yaml
 from .errors import CheckpointError, PointBERTError
 from .transformer import compile_blocks
@@ -669,6 +669,8 @@ def fit(task: Task, out: str | Path, *, device: str | torch.device | None = None
             state.epoch, state.batch_in_epoch = epoch + 1, 0
             state.finished = state.epoch >= ctx.num_epochs
             save_last()
+            if ctx.is_main and epoch >= ctx.num_epochs - cfg.train.keep_epochs:  # official ckpt-epoch-<e>
+                atomic_write_bytes(out / f"epoch-{epoch:03d}.pt", last_path.read_bytes())
     finally:
         rec.close()
     result = _result(state)

@@ -252,9 +252,13 @@ def test_gradients_are_clipped_to_the_l2_norm(tmp_path, monkeypatch):
 
 def test_run_folder_contents_and_checkpoints(tmp_path):
     out = tmp_path / "run"
-    result = fit(ToyTask(toy_cfg(epochs=6, eval_every=4)), out, device="cpu", quiet=True)
+    cfg = toy_cfg(epochs=6, eval_every=4)
+    cfg.train.keep_epochs = 2
+    result = fit(ToyTask(cfg), out, device="cpu", quiet=True)
     for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "curves.png", "log.txt"):
         assert (out / name).is_file(), name
+    assert sorted(p.name for p in out.glob("epoch-*.pt")) == ["epoch-004.pt", "epoch-005.pt"]  # the last two
+    assert load_checkpoint(out / "epoch-004.pt")["epoch"] == 5 and "optimizer" in load_checkpoint(out / "epoch-004.pt")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["epoch"] for r in evals] == [4, 5]  # every 4 epochs skipping epoch 0 (official), and the last
