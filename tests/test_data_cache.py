@@ -193,6 +193,10 @@ def test_scanobjectnn_shapenet55_shapenetpart_and_dat_caches(tmp_path):
     [c] = prepare_cache(mn, split="train", log=quiet, progress=False)  # the .dat is the source: kept as is
     ds = CachedDataset(c, "train")
     assert len(ds) == 5 and ds[0]["points"].shape == (8192, 3) and ds.labels.tolist() == [0, 7, 14, 21, 28]
+    # reduced by --num-points from the .dat: normalised as stored, not again after the FPS (as official)
+    [c] = prepare_cache(mn, split="train", num_points=512, out=tmp_path / "mn512", log=quiet, progress=False)
+    raw = ModelNet(mn, "train").raw(0)
+    np.testing.assert_array_equal(np.sort(CachedDataset(c, "train")[0]["points"], 0), np.sort(_fps(raw, 512), 0))
 
 
 def test_skip_bad_files_and_header_fixup(tmp_path):

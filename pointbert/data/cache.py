@@ -117,16 +117,17 @@ def _sources(src: Any, root: Path) -> list[str]:
     return sorted({os.path.relpath(f, root) for f in src.source_files()})
 
 
-def _renormalize(dataset: str) -> bool:
-    """Whether a cloud reduced by FPS is normalised again: the datasets stored normalised (spec 2.2)."""
-    return dataset.startswith("modelnet") or dataset == "folder"
+def _renormalize(dataset: str, src: Any) -> bool:
+    """Whether a cloud reduced by FPS is normalised again: the datasets stored normalised (spec 2.2), but
+    not the official ModelNet ``.dat`` caches (normalised before the training-time FPS, as official)."""
+    return (dataset.startswith("modelnet") and getattr(src, "_dat", None) is None) or dataset == "folder"
 
 
 def _settings(dataset: str, split: str, num_points: int | None, fps: bool, skip_bad: bool,
-              variant: str) -> dict:
+              variant: str, renormalize: bool = False) -> dict:
     out = {"version": VERSION, "dataset": dataset, "split": split, "num_points": num_points, "fps": fps,
            "skip_bad": skip_bad, "variant": variant}
-    if fps and _renormalize(dataset):
+    if fps and renormalize:
         out["renormalized"] = True  # earlier caches normalised before FPS: their key differs
     return out
 
@@ -257,7 +258,7 @@ def _prepare_split(src: Any, dataset: str, split: str, cache: Path, key: str, nu
         writers[name].write(a if ragged else a[None])
 
     workers = min(4, os.cpu_count() or 1) if n > 64 else 0
-    loader = DataLoader(_Raw(src, num_points if fps else None, _renormalize(dataset)), batch_size=None,
+    loader = DataLoader(_Raw(src, num_points if fps else None, _renormalize(dataset, src)), batch_size=None,
                         num_workers=workers, collate_fn=_identity)
     try:
         for i, pts, parts, err in tqdm(loader, total=n, desc=f"preparing {dataset} {split}", unit="shape",
@@ -355,7 +356,7 @@ def prepare_cache(path: str | Path, dataset: str = "auto", split: str = "all", n
             official_fps = (name.startswith("modelnet") and getattr(src, "layout", "") == "official"
                             and getattr(src, "_dat", None) is None)
             target = num_points or (8192 if official_fps else None)
-            settings = _settings(name, s, target, target is not None, skip_bad, variant)
+            settings = _settings(name, s, target, target is not None, skip_bad, variant, _renormalize(name, src))
             sources = _sources(src, path)
             key = _key(sources, path, settings)
             old = (manifest or {}).get("splits", {}).get(s)
