@@ -67,7 +67,7 @@ from .transformer import compile_blocks
 
 __all__ = ["Task", "Context", "fit", "lr_at", "unwrap", "setup_distributed", "param_groups",
            "build_optimizer", "resolve_device", "resolve_precision", "eval_loader", "EpochSampler",
-           "SeededItems", "TrainingError"]
+           "SeededItems", "TrainingError", "derive_seed"]
 
 DIST_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("POINTBERT_DIST_TIMEOUT_MIN", "60")))
 
@@ -428,7 +428,8 @@ def _distributed() -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def _derive_seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
+    """A seed for a stream of its own, from integers (the run's seed, a tag, a rank, an epoch, ...)."""
     return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -463,7 +464,7 @@ def _seed_all(seed: int, ctx: Context) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-    ctx.generator.manual_seed(_derive_seed(seed, 1))
+    ctx.generator.manual_seed(derive_seed(seed, 1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -583,7 +584,7 @@ def fit(task: Task, out: str | Path, *, device: str | torch.device | None = None
                             "or set train.compile=false")
     _seed_all(cfg.train.seed, ctx)  # model init is identical on every rank and in a single process
     model = task.build_model()
-    _seed_all(_derive_seed(cfg.train.seed, ctx.rank, 2), ctx)  # per-rank training randomness
+    _seed_all(derive_seed(cfg.train.seed, ctx.rank, 2), ctx)  # per-rank training randomness
     if cfg.train.sync_bn and ctx.world_size > 1:
         if ctx.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -902,7 +903,7 @@ def _restore(path: Path, task: Task, model: nn.Module, optimizer: torch.optim.Op
     else:
         ctx.log(f"{path}: written by {len(rng)} process(es), resumed by {ctx.world_size}: "
                 "the random streams restart (data order is unaffected)")
-        _seed_all(_derive_seed(ctx.cfg.train.seed, ctx.rank, ckpt["step"]), ctx)
+        _seed_all(derive_seed(ctx.cfg.train.seed, ctx.rank, ckpt["step"]), ctx)
     return _State(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]),
                   batch_in_epoch=int(ckpt["batch_in_epoch"]), metrics=dict(ckpt.get("metrics", {})),
                   best_metrics=dict(ckpt.get("best_metrics", {})), also_best=dict(ckpt.get("also_best", {})),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -248,6 +248,9 @@ def segment(model: nn.Module, points: Points, category: int, parts: Sequence[int
 # Commands
 # --------------------------------------------------------------------------------------------------
 
+#: a cloud reaching further than this from its centre was not normalised (pc_norm puts it inside radius 1)
+FAR_FROM_UNIT_SPHERE = 2.0
+
 KINDS = {"predict": ("classifier",), "tokenize": ("tokenizer", "pretrain"),
          "embed": ("pretrain", "classifier"), "segment": ("partseg",)}
 
@@ -287,10 +290,19 @@ def _setup(args: argparse.Namespace, command: str, pool: bool = False):
     points, names = load_clouds(args.input, read, args.normalize, min_points=need, warn=say)
     if not args.normalize:
         radius = np.linalg.norm(points - points.mean(1, keepdims=True), axis=-1).max()
-        if radius > 2:
+        if radius > FAR_FROM_UNIT_SPHERE:
             say(f"{args.input}: clouds reach {radius:.3g} from their centre; the models are trained on clouds "
                 "inside the unit sphere: pass --normalize")
     return model, ckpt, points, names, num_points
+
+
+def _show(lines: Iterable[str], most: int = 10) -> None:
+    """Print the first ``most`` lines, then how many more there are (the full list goes to a file)."""
+    lines = list(lines)
+    for line in lines[:most]:
+        print(line)
+    if len(lines) > most:
+        print(f"... {len(lines) - most} more")
 
 
 def _save(out: str, array: np.ndarray, what: str, names: list[str]) -> None:
@@ -339,10 +351,7 @@ def embed_command(args: argparse.Namespace) -> int:
     """``pointbert embed CKPT INPUT --out features.npy``: (B, 2*dim) float32 features."""
     model, _, points, names, _ = _setup(args, "embed")
     features = embed(model, points, batch_size=args.batch_size)
-    for i, name in enumerate(names[:10]):
-        print(f"{i}  {name}")
-    if len(names) > 10:
-        print(f"... {len(names) - 10} more")
+    _show(f"{i}  {name}" for i, name in enumerate(names))
     _save(args.out, features, "features", names)
     return 0
 
@@ -363,11 +372,8 @@ def segment_command(args: argparse.Namespace) -> int:
     parts = list(table[list(table)[index]])
     labels = segment(model, points, index, parts, batch_size=args.batch_size)
     width = max(map(len, names))
-    for name, row in zip(names[:10], labels):
-        counts = np.bincount(row, minlength=max(parts) + 1)
-        print(f"{name:<{width}}  {cats[index]}: " + "  ".join(f"part {p} {counts[p]}" for p in parts))
-    if len(names) > 10:
-        print(f"... {len(names) - 10} more")
+    _show(f"{name:<{width}}  {cats[index]}: " + "  ".join(f"part {p} {n}" for p, n in zip(parts, counts))
+          for name, counts in zip(names, (np.bincount(row, minlength=max(parts) + 1)[parts] for row in labels)))
     _save(args.out, labels, "part labels", names)
     where = Path(args.out).with_name(Path(args.out).stem + ".points.npy")
     with open(where, "wb") as f:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import config_of, load_checkpoint
 from ..config import Config, ConfigError, apply_dict, validate
-from ..engine import Context, Task, fit, unwrap
+from ..engine import Context, Task, derive_seed, fit, unwrap
 from ..mpm import PointBERT
 
 
@@ -125,12 +125,13 @@ class PretrainTask(Task):
             with ctx.autocast():
                 return pretrain_features(unwrap(model), points)
 
+        t = self.cfg.train  # the official probe's shuffled drop_last loader, a stream per epoch (spec 11.19)
+        drop = (t.batch_size, derive_seed(t.seed, 4, ctx.epoch)) if self.cfg.data.probe_drop_last else None
         proj, backbone = run_probe(features, *self._probe_data, num_points=probe.data.num_points,
                                    batch_size=2 * self.cfg.train.batch_size, device=ctx.device,
                                    num_workers=probe.data.num_workers, progress=False,
                                    standardize=self.probe_standardize,
-                                   drop_last=((self.cfg.train.batch_size, self.cfg.train.seed * 1009 + ctx.epoch)
-                                              if self.cfg.data.probe_drop_last else None))
+                                   drop_last=drop)
         return {"svm_acc": proj, "svm_acc_backbone": backbone}
 
 
