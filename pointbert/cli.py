@@ -178,13 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the result as JSON here")
 
     p = sub.add_parser("render", help="a PNG of clouds with their patches, masks, token ids and reconstructions "
-                                      "(tokenizer / pre-training checkpoints) or predicted classes (classifiers)")
-    p.add_argument("checkpoint", help="a tokenizer, pre-training or classifier checkpoint")
+                                      "(tokenizer / pre-training checkpoints), predicted classes (classifiers) "
+                                      "or parts (part segmentation)")
+    p.add_argument("checkpoint", help="a tokenizer, pre-training, classifier or part segmentation checkpoint")
     p.add_argument("input", help="a .npy (N,3) or (B,N,3), a point-cloud file, or a folder of them")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--num-points", type=int, default=None, help="points per cloud (default: the checkpoint's)")
     p.add_argument("--normalize", action="store_true", help="centre and scale each cloud into the unit sphere")
     p.add_argument("--max-clouds", type=int, default=4, help="render at most this many clouds (default 4)")
+    p.add_argument("--category", default=None,
+                   help="part segmentation checkpoints: the clouds' object category (Airplane, Chair, ...)")
 
     data = sub.add_parser("data", help="inspect and prepare datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="<data command>")

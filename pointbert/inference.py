@@ -19,6 +19,7 @@ ids there can differ from these for the same cloud.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import config_of, load_model
+from .checkpoint import atomic_write_bytes, config_of, load_model
 from .errors import DataError, PointBERTError
 
 Points = np.ndarray | Tensor
@@ -305,14 +306,19 @@ def _show(lines: Iterable[str], most: int = 10) -> None:
         print(f"... {len(lines) - most} more")
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
 def _save(out: str, array: np.ndarray, what: str, names: list[str]) -> None:
-    """Write ``array`` to exactly ``out`` and the cloud names, one per row, to ``<out stem>.names.txt``."""
+    """Write ``array`` to exactly ``out`` and the cloud names, one per row, to ``<out stem>.names.txt``
+    (both atomically: an interrupted run leaves the old files or the new ones)."""
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        np.save(f, array)
+    atomic_write_bytes(path, _npy_bytes(array))
     listing = path.with_name(path.stem + ".names.txt")
-    listing.write_text("".join(f"{n}\n" for n in names))
+    atomic_write_bytes(listing, "".join(f"{n}\n" for n in names).encode())
     print(f"wrote {what} {tuple(array.shape)} {array.dtype} to {path} (row names in {listing.name})", flush=True)
 
 
@@ -356,27 +362,32 @@ def embed_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def segment_command(args: argparse.Namespace) -> int:
-    """``pointbert segment CKPT INPUT --category Chair --out parts.npy``: (B, N) int64 part labels."""
-    from .tasks.partseg import category_parts
-
-    model, ckpt, points, names, _ = _setup(args, "segment")
-    table = category_parts(config_of(ckpt, str(args.checkpoint)).data.dataset)
+def resolve_category(table: dict, given: str) -> tuple[int, str, list[int]]:
+    """(index, name, part labels) of the category named ``given`` (case-insensitive) or numbered by it in a
+    :func:`~pointbert.tasks.partseg.category_parts` table."""
     cats = [str(c) for c in table]
-    given = args.category.strip()
+    given = given.strip()
     index = next((i for i, c in enumerate(cats) if c.lower() == given.lower()), None)
     if index is None and given.isdigit() and int(given) < len(cats):
         index = int(given)
     if index is None:
         raise PointBERTError(f"--category {given!r}: not one of {', '.join(cats)} (or 0-{len(cats) - 1})")
-    parts = list(table[list(table)[index]])
+    return index, cats[index], list(table[list(table)[index]])
+
+
+def segment_command(args: argparse.Namespace) -> int:
+    """``pointbert segment CKPT INPUT --category Chair --out parts.npy``: (B, N) int64 part labels."""
+    from .tasks.partseg import category_parts
+
+    model, ckpt, points, names, _ = _setup(args, "segment")
+    index, category, parts = resolve_category(category_parts(config_of(ckpt, str(args.checkpoint)).data.dataset),
+                                              args.category)
     labels = segment(model, points, index, parts, batch_size=args.batch_size)
     width = max(map(len, names))
-    _show(f"{name:<{width}}  {cats[index]}: " + "  ".join(f"part {p} {n}" for p, n in zip(parts, counts))
+    _show(f"{name:<{width}}  {category}: " + "  ".join(f"part {p} {n}" for p, n in zip(parts, counts))
           for name, counts in zip(names, (np.bincount(row, minlength=max(parts) + 1)[parts] for row in labels)))
     _save(args.out, labels, "part labels", names)
     where = Path(args.out).with_name(Path(args.out).stem + ".points.npy")
-    with open(where, "wb") as f:
-        np.save(f, points.astype(np.float32))
+    atomic_write_bytes(where, _npy_bytes(points.astype(np.float32)))
     print(f"wrote the points labelled {tuple(points.shape)} to {where}")
     return 0

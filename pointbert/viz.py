@@ -206,8 +206,9 @@ def masked_prediction_panel(tokenizer, neighborhoods, centers, mask, target, pre
 def render_command(args) -> int:
     """``pointbert render CKPT INPUT --out file.png``: each cloud with its patches and what the model makes
     of them: token ids and the tokenizer's reconstruction (tokenizer / pre-training checkpoints; the
-    pre-training ones also show a mask and the decoded token predictions for the masked patches), or the
-    predicted class (classifiers)."""
+    pre-training ones also show a mask and the decoded token predictions for the masked patches), the
+    predicted class (classifiers) or the predicted parts (part segmentation, with ``--category``)."""
+    import numpy as np
     import torch
 
     from .checkpoint import config_of, load_model
@@ -216,8 +217,10 @@ def render_command(args) -> int:
 
     if args.max_clouds < 1:
         raise PointBERTError(f"--max-clouds must be positive, got {args.max_clouds}")
-    model, ckpt = load_model(args.checkpoint, ("tokenizer", "pretrain", "classifier"))
+    model, ckpt = load_model(args.checkpoint, ("tokenizer", "pretrain", "classifier", "partseg"))
     cfg = config_of(ckpt, args.checkpoint)
+    if cfg.kind == "partseg" and not getattr(args, "category", None):
+        raise PointBERTError(f"{args.checkpoint}: a part segmentation checkpoint; give the clouds' --category")
     points, names = load_clouds(args.input, args.num_points or cfg.data.num_points, args.normalize)
     points = torch.from_numpy(points[: args.max_clouds])
     tokenizer = model if cfg.kind == "tokenizer" else getattr(model, "tokenizer", None)
@@ -239,6 +242,20 @@ def render_command(args) -> int:
                 if predicted is not None:
                     panels.append(masked_prediction_panel(tokenizer, nb[b], centers[b], mask[b], ids[b],
                                                           predicted[b]))
+        elif cfg.kind == "partseg":
+            from matplotlib import colormaps
+
+            from .inference import resolve_category, segment
+            from .tasks.partseg import category_parts
+
+            index, category, parts = resolve_category(category_parts(cfg.data.dataset), args.category)
+            labels = segment(model, points, index, parts, batch_size=len(points))
+            nb, centers = model.backbone.group(points)
+            for b, name in enumerate(names[: len(points)]):
+                panels += patch_panels(nb[b], centers[b], title=str(name))
+                colors = colormaps["tab10"]((labels[b] - min(parts)) % 10)  # same part, same colour in every panel
+                panels.append({"points": points[b].numpy(), "colors": colors,
+                               "title": f"{category}: predicted parts {', '.join(map(str, np.unique(labels[b])))}"})
         else:
             nb, centers = model.backbone.group(points)
             probs = model(points).softmax(-1)
@@ -247,7 +264,7 @@ def render_command(args) -> int:
                 p, c = probs[b].max(0)
                 panels += patch_panels(nb[b], centers[b],
                                        title=f"{name}: {classes[int(c)]} ({100 * float(p):.0f}%)")
-    cols = {"tokenizer": 3, "pretrain": 5, "classifier": min(4, len(panels))}[cfg.kind]
+    cols = {"tokenizer": 3, "pretrain": 5, "partseg": 4, "classifier": min(4, len(panels))}[cfg.kind]
     path = render_panels(panels, args.out, cols=cols, title=f"{Path(args.checkpoint).name} ({cfg.kind})")
     print(f"wrote {path}")
     return 0

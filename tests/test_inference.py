@@ -315,3 +315,10 @@ def test_segment_command_labels_within_the_category(inputs, tmp_path, capsys):
     assert code == 2 and "not one of Airplane, Bag" in err and err.count("\n") == 1
     code, _, err = run(capsys, "predict", ckpt, inputs["batch"], "--out", out)
     assert code == 2 and "is a partseg checkpoint, expected classifier" in err
+    # the same predictions drawn: render needs the category
+    png = tmp_path / "parts.png"
+    code, _, err = run(capsys, "render", ckpt, inputs["batch"], "--out", png, "--max-clouds", "2")
+    assert code == 2 and "give the clouds' --category" in err and not png.exists()
+    code, printed, err = run(capsys, "render", ckpt, inputs["batch"], "--out", png, "--category", "chair",
+                             "--max-clouds", "2")
+    assert code == 0 and png.stat().st_size > 10_000 and f"wrote {png}" in printed

@@ -388,7 +388,10 @@ def evaluate_command(args: Any) -> int:
         raise PointBERTError(f"the test data has {len(classes)} classes, the classifier only "
                              f"{unwrap(model).num_classes} outputs")
     where = f"{cfg.data.dataset} {cfg.data.path}" if cfg.data.path else cfg.data.dataset
-    at = f"epoch {ckpt.get('epoch', '?')}, step {ckpt.get('step', '?')}"
+    if "epoch" in ckpt:
+        at = f"epoch {ckpt['epoch']}, step {ckpt.get('step', '?')}"
+    else:
+        at = f"imported from {ckpt['source']}" if ckpt.get("source") else "no training state stored"
     rows = [("checkpoint", f"{args.checkpoint} ({at})"),
             ("data", f"{where} test: {len(test)} clouds, {len(classes) or '?'} classes, "
                      f"{cfg.data.num_points} points")]
