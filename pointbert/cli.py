@@ -56,7 +56,9 @@ def _add_train_args(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--out", default=None, help="run folder for checkpoints, logs and curves (default runs/<stage>)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (the official presets run one more, epochs 0..N inclusive as the official "
+                        "loops; add train.extra_epoch=false for exactly N)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (kept under torchrun)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

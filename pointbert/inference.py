@@ -46,7 +46,7 @@ Cloud = tuple[str, str, np.ndarray]  # (name printed with the results, source na
 
 def _read_input(path: Path) -> list[Cloud]:
     """Every cloud in a file or a folder (its supported files, sorted by name); DataError naming the file."""
-    from .data.io import SUPPORTED_EXTENSIONS
+    from .data.io import SUPPORTED_EXTENSIONS, read_clouds
 
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
@@ -54,36 +54,10 @@ def _read_input(path: Path) -> list[Cloud]:
         if not files:
             raise DataError(f"{path}: no point-cloud files in this folder "
                             f"(expected {' '.join(SUPPORTED_EXTENSIONS)})")
-        return [cloud for f in files for cloud in _read_file(f)]
+        return [cloud for f in files for cloud in read_clouds(f)]
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
-    return _read_file(path)
-
-
-def _read_file(path: Path) -> list[Cloud]:
-    """A (B, N, C>=3) .npy gives B clouds named ``file[i]``; any other file one cloud via read_points."""
-    from .data.io import read_points
-
-    if path.suffix.lower() == ".npy":
-        try:
-            a = np.load(path, mmap_mode="r", allow_pickle=False)
-        except Exception:  # noqa: BLE001 - read_points below names the problem
-            a = None
-        if isinstance(a, np.ndarray) and a.ndim == 3 and a.shape[0] > 1:
-            if a.dtype.kind not in "fiu":
-                raise DataError(f"{path}: array of dtype {a.dtype} is not numeric")
-            if a.shape[2] < 3:
-                raise DataError(f"{path}: has {a.shape[2]} columns (shape {a.shape}); "
-                                "need at least 3 (x, y, z)")
-            if a.shape[1] == 0:
-                raise DataError(f"{path}: no points (shape {a.shape})")
-            clouds = np.ascontiguousarray(a[:, :, :3], dtype=np.float32)
-            bad = ~np.isfinite(clouds).all(axis=(1, 2))
-            if bad.any():
-                raise DataError(f"{path}: {int(bad.sum())} of {len(clouds)} clouds contain non-finite values "
-                                f"(NaN or inf), the first is cloud {int(bad.argmax())}")
-            return [(f"{path.name}[{i}]", f"{path} (cloud {i})", c) for i, c in enumerate(clouds)]
-    return [(path.name, str(path), read_points(path))]
+    return read_clouds(path)
 
 
 def load_clouds(input: str | Path, num_points: int, normalize: bool = False, *, min_points: int = 1,

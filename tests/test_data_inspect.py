@@ -111,6 +111,24 @@ def test_flat_folder_of_files(tmp_path, capsys):
     assert "a folder of 3 point-cloud files, no class subfolders" in capsys.readouterr().out
 
 
+def test_inference_inputs_read_as_predict_reads_them(good, tmp_path, capsys):
+    """A (B, N, 3) .npy is B clouds for predict/embed (no problem), one cloud per file in training data."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    np.save(flat / "batch.npy", np.stack([unit_cloud(i, 80) for i in range(4)]))
+    np.save(flat / "small.npy", unit_cloud(7, 20))
+    assert run(flat / "batch.npy") == 0
+    out = capsys.readouterr().out
+    assert "clouds              4 (a (B, N, 3) .npy holds B clouds)" in out and "80 (every cloud)" in out
+    assert run(flat) == 0
+    out = capsys.readouterr().out
+    assert "all 2; 2 readable" in out and "clouds              5" in out
+    assert "1 cloud under 64 points: too few for the official 1k-point models" in out
+    np.save(good / "bowl" / "train" / "batch.npy", np.stack([unit_cloud(i, 80) for i in range(4)]))
+    assert run(good) == 1
+    assert "holds 4 clouds (shape (4, 80, 3)); expected one cloud (N, 3) per file" in capsys.readouterr().out
+
+
 def test_through_the_cli(good, bad, tmp_path, capsys):
     assert main(["data", "inspect", str(good), "--max-files", "4"]) == 0
     assert "Summary: 8 files in 2 classes" in capsys.readouterr().out

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import DataError
 from .folder import _entries, scan_folder
-from .io import MESH_EXTENSIONS, SUPPORTED_EXTENSIONS, read_points
+from .io import MESH_EXTENSIONS, SUPPORTED_EXTENSIONS, read_clouds, read_points
 from .official import shapenet55_root
 
 FORMATS = ("auto", "folder", "file", "modelnet40", "modelnet10", "shapenet55", "scanobjectnn", "fewshot",
@@ -99,41 +99,54 @@ def _spread(files: list[Path], max_files: int | None) -> list[Path]:
     return [files[i] for i in idx]
 
 
+#: the fewest points the smallest official model (1,024 points, 64 patches of 32) can group
+OFFICIAL_MIN_POINTS = 64
+
+
 def read_and_summarise(files: list[Path], report: Report, *, max_files: int | None = None,
-                       mesh_points: int = 8192) -> int:
-    """Read ``files`` (or a spread of ``max_files``), print their statistics; return how many were read."""
+                       mesh_points: int = 8192, batches: bool = False) -> int:
+    """Read ``files`` (or a spread of ``max_files``), print their statistics; return how many were read.
+
+    ``batches``: the files are inference inputs, where a (B, N, 3) ``.npy`` holds B clouds
+    (:func:`~pointbert.data.io.read_clouds`); otherwise every file must hold one cloud (training data).
+    """
     from tqdm import tqdm
 
     chosen = _spread(files, max_files)
-    counts, lo, hi, centre, radius, meshes = [], [], [], [], [], 0
+    counts, lo, hi, centre, radius, meshes, readable = [], [], [], [], [], 0, 0
     bar = tqdm(chosen, desc="reading", unit="file", leave=False, disable=True if len(chosen) < 50 else None)
     for path in bar:
         try:
-            pts = read_points(path, mesh_points=mesh_points)
+            clouds = read_clouds(path, mesh_points=mesh_points) if batches else \
+                [(path.name, str(path), read_points(path, mesh_points=mesh_points))]
         except DataError as e:
             report.problem(path, str(e).removeprefix(f"{path}: "))
             continue
-        c = pts.mean(axis=0)
-        spread = float(np.sqrt(((pts - c) ** 2).sum(axis=1).max()))
-        if not spread > 0:
-            report.problem(path, f"degenerate cloud: all {len(pts)} points are identical")
-            continue
-        counts.append(len(pts))
-        meshes += path.suffix.lower() in MESH_EXTENSIONS
-        lo.append(pts.min(axis=0))
-        hi.append(pts.max(axis=0))
-        centre.append(float(np.linalg.norm(c)))
-        radius.append(float(np.sqrt((pts ** 2).sum(axis=1).max())))
-    one = len(files) == 1
-    if not one:
+        readable += 1
+        for name, _, pts in clouds:
+            c = pts.mean(axis=0)
+            spread = float(np.sqrt(((pts - c) ** 2).sum(axis=1).max()))
+            if not spread > 0:
+                report.problem(path.with_name(name), f"degenerate cloud: all {len(pts)} points are identical")
+                continue
+            counts.append(len(pts))
+            meshes += path.suffix.lower() in MESH_EXTENSIONS
+            lo.append(pts.min(axis=0))
+            hi.append(pts.max(axis=0))
+            centre.append(float(np.linalg.norm(c)))
+            radius.append(float(np.sqrt((pts ** 2).sum(axis=1).max())))
+    one = len(counts) == 1
+    if len(files) > 1:
         sample = f"all {_n(len(files))}" if len(chosen) == len(files) else \
             f"{_n(len(chosen))} of {_n(len(files))}, evenly spread (--max-files)"
-        report.row("files read", f"{sample}; {_n(len(counts))} readable")
+        report.row("files read", f"{sample}; {_n(readable)} readable")
+    if len(counts) > readable:
+        report.row("clouds", f"{_n(len(counts))} (a (B, N, 3) .npy holds B clouds)")
     if not counts:
         return len(chosen)
     k = np.asarray(counts)
     report.row("points" if one else "points per sample",
-               f"{_n(int(k[0]))}" + ("" if one else " (every file)") if k.min() == k.max() else
+               f"{_n(int(k[0]))}" + ("" if one else " (every cloud)") if k.min() == k.max() else
                f"min {_n(int(k.min()))}   median {_n(int(np.median(k)))}   max {_n(int(k.max()))}")
     if meshes:
         report.row("", f"({'the mesh' if one else _plural(meshes, 'mesh file')} sampled at "
@@ -146,7 +159,12 @@ def read_and_summarise(files: list[Path], report: Report, *, max_files: int | No
         f"centroids within {cen.max():.3f} of the origin, radius {rad.min():.3f} .. {rad.max():.3f}"
     report.row("normalised", f"{'yes' if normalised else 'no'}: {shape}")
     if not normalised:
-        report.row("", "(FolderDataset(normalize=True), the default, centres and scales each cloud)")
+        report.row("", "(FolderDataset(normalize=True), the default, centres and scales each cloud)"
+                   if not batches else "(predict/embed/... --normalize centres and scales each cloud)")
+    few = int((k < OFFICIAL_MIN_POINTS).sum())
+    if few:
+        report.row("note", f"{_plural(few, 'cloud')} under {OFFICIAL_MIN_POINTS} points: too few for the official "
+                           f"1k-point models (64 patches of 32 points)")
     return len(chosen)
 
 
@@ -167,7 +185,7 @@ def _inspect_file(path: Path, report: Report, args) -> str:
     kind = "mesh" if ext in MESH_EXTENSIONS else "point cloud (a mesh if it has faces)" if ext == ".ply" \
         else "point cloud"
     report.title(f"{path.name}: {ext[1:].upper() or 'unknown'} {kind}")
-    read_and_summarise([path], report, mesh_points=getattr(args, "mesh_points", 8192))
+    read_and_summarise([path], report, mesh_points=getattr(args, "mesh_points", 8192), batches=True)
     return "1 file"
 
 
@@ -204,7 +222,7 @@ def _inspect_files(path: Path, report: Report, args) -> str:
     report.row("file types", _type_counts(files))
     report.row("note", "fine for predict/embed; training needs one subfolder per class")
     print()
-    read_and_summarise(files, report, max_files=getattr(args, "max_files", None))
+    read_and_summarise(files, report, max_files=getattr(args, "max_files", None), batches=True)
     return _plural(len(files), "file")
 
 

@@ -72,6 +72,34 @@ def read_points(path: str | Path, *, mesh_points: int = 8192, seed: int = 0) -> 
     return _checked(p, points)
 
 
+def read_clouds(path: str | Path, *, mesh_points: int = 8192) -> list[tuple[str, str, np.ndarray]]:
+    """The clouds of one inference input file: ``[(name, source, (N, 3) float32)]``.
+
+    A ``.npy`` of shape (B, N, C>=3) with B > 1 gives B clouds named ``file[i]`` (sources name the cloud);
+    any other file one cloud read by :func:`read_points`. Raises :class:`DataError` naming the file.
+    """
+    p = Path(path)
+    if p.suffix.lower() == ".npy":
+        try:
+            a = np.load(p, mmap_mode="r", allow_pickle=False)
+        except Exception:  # noqa: BLE001 - read_points below names the problem
+            a = None
+        if isinstance(a, np.ndarray) and a.ndim == 3 and a.shape[0] > 1:
+            if a.dtype.kind not in "fiu":
+                raise DataError(f"{p}: array of dtype {a.dtype} is not numeric")
+            if a.shape[2] < 3:
+                raise DataError(f"{p}: has {a.shape[2]} columns (shape {a.shape}); need at least 3 (x, y, z)")
+            if a.shape[1] == 0:
+                raise DataError(f"{p}: no points (shape {a.shape})")
+            clouds = np.ascontiguousarray(a[:, :, :3], dtype=np.float32)
+            bad = ~np.isfinite(clouds).all(axis=(1, 2))
+            if bad.any():
+                raise DataError(f"{p}: {int(bad.sum())} of {len(clouds)} clouds contain non-finite values "
+                                f"(NaN or inf), the first is cloud {int(bad.argmax())}")
+            return [(f"{p.name}[{i}]", f"{p} (cloud {i})", c) for i, c in enumerate(clouds)]
+    return [(p.name, str(p), read_points(p, mesh_points=mesh_points))]
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     msg = text[0] if text else type(e).__name__
