@@ -54,7 +54,10 @@ def _read_input(path: Path) -> list[Cloud]:
         if not files:
             raise DataError(f"{path}: no point-cloud files in this folder "
                             f"(expected {' '.join(SUPPORTED_EXTENSIONS)})")
-        return [cloud for f in files for cloud in read_clouds(f)]
+        from tqdm.auto import tqdm
+
+        bar = tqdm(files, desc="reading", unit="file", leave=False, dynamic_ncols=True, disable=len(files) < 50)
+        return [cloud for f in bar for cloud in read_clouds(f)]
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     return read_clouds(path)
