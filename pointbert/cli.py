@@ -33,7 +33,7 @@ COMMANDS = {
 
 
 def _add_inference_args(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("checkpoint", help="a pointbert checkpoint (see `pointbert import` for official .pth files)")
+    p.add_argument("checkpoint", help="a pointbert checkpoint or an official Point-BERT .pth (converted in memory)")
     p.add_argument("input", help="a .npy of shape (N,3) or (B,N,3), one point-cloud file, or a folder of them")
     p.add_argument("--out", required=True, help=f"where to write the {what} (.npy)")
     p.add_argument("--num-points", type=int, default=None,
@@ -136,11 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="masked point modeling pre-training with mixing and momentum contrast (spec 5)")
     _add_train_args(p, "pretrain")
     p.add_argument("--tokenizer", required=False, default=None,
-                   help="a trained tokenizer checkpoint (from train-tokenizer or `pointbert import`)")
+                   help="a trained tokenizer checkpoint (from train-tokenizer, or the official dVAE.pth)")
 
     p = sub.add_parser("finetune", help="fine-tune a classifier (ModelNet40, ScanObjectNN, any labelled folder)")
     _add_train_args(p, "modelnet40-1k")
-    p.add_argument("--init", default=None, help="a pre-training (or classifier) checkpoint to start from")
+    p.add_argument("--init", default=None,
+                   help="a pre-training (or classifier) checkpoint to start from; official .pth files too")
     p.add_argument("--scratch", action="store_true", help="train from random initialisation (no --init)")
 
     p = sub.add_parser("evaluate", help="test accuracy of a classifier checkpoint, optionally with voting")

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import FORMAT, build_model, export_safetensors, save_checkpoint
+from .checkpoint import FORMAT, FORMAT_VERSION, build_model, config_of, export_safetensors, save_checkpoint
 from .config import Config, ConfigError, preset, validate
 from .errors import CheckpointError
 
@@ -275,7 +275,7 @@ def detect_kind(state: dict[str, Tensor], where: str = "checkpoint") -> str:
     found = ", ".join(f"{name} ({n})" for name, n in sorted(tops.items(), key=lambda t: (-t[1], t[0]))[:8])
     expected = "; ".join(f"{kind}: {sig}" for kind, sig in SIGNATURES)
     raise CheckpointError(f"{where}: not a recognised official Point-BERT checkpoint: found {len(keys)} "
-                          f"tensors under {found}; expected one of ({expected}); use --kind to force one")
+                          f"tensors under {found}; expected one of ({expected}); `pointbert import --kind` forces one")
 
 
 class _Shapes:
@@ -469,13 +469,16 @@ Source = str | Path | dict
 
 def convert_official(source: Source, kind: str | None = None, *, num_points: int | None = None,
                      num_patches: int | None = None, num_heads: int | None = None,
-                     keep_momentum: bool = False) -> tuple[Config, nn.Module, ImportReport]:
+                     keep_momentum: bool = False, where: str | None = None) -> tuple[Config, nn.Module, ImportReport]:
     """Convert an official checkpoint (a path, the loaded file dict, or a bare state dict) exactly.
 
+    ``where`` names a dict source in messages (default "state dict"; a path names itself).
     Returns (Config, model in eval mode with the official weights, :class:`ImportReport`).
     Raises :class:`CheckpointError` with one line for an unsafe, unrecognised or inconsistent file.
     """
-    where = str(source) if isinstance(source, (str, Path)) else "state dict"
+    if isinstance(source, (str, Path)):
+        where = str(source)
+    where = where or "state dict"
     obj = read_official(source) if isinstance(source, (str, Path)) else source
     state, layout, stripped = official_state_dict(obj, where)
     detected = kind is None
@@ -484,7 +487,7 @@ def convert_official(source: Source, kind: str | None = None, *, num_points: int
         raise CheckpointError(f"unknown kind {kind!r}; choose one of {', '.join(KEY_MAP)}")
     cfg, sizes = infer_config(state, kind, num_points=num_points, num_patches=num_patches,
                               num_heads=num_heads, where=where)
-    report = ImportReport(Path(where).name if isinstance(source, (str, Path)) else where, kind, detected,
+    report = ImportReport(Path(where).name, kind, detected,
                           layout, stripped, sizes, metrics=official_metrics(obj) if layout != "bare" else {})
     if sizes.get("num_heads") and num_heads is None:
         report.notes.append(f"num_heads {sizes['num_heads']} assumed (dim // {HEAD_WIDTH}, not stored in the "
@@ -551,27 +554,40 @@ def read_class_names(path: str | Path, num_classes: int) -> list[str]:
     return names
 
 
-def import_command(args: argparse.Namespace) -> int:
-    """``pointbert import SRC.pth --out DST [--kind] [--num-points] [--num-patches] [--num-heads]
-    [--keep-momentum] [--class-names FILE] [--safetensors FILE]``."""
-    cfg, model, report = convert_official(
-        args.source, kind=args.kind, num_points=args.num_points, num_patches=args.num_patches,
-        num_heads=getattr(args, "num_heads", None), keep_momentum=getattr(args, "keep_momentum", False))
-    extra: dict[str, Any] = {"official_metrics": report.metrics, "source": report.source}
-    if args.class_names:
+def official_checkpoint(source: Source, *, class_names: str | Path | None = None, where: str | None = None,
+                        **options: Any) -> tuple[dict[str, Any], ImportReport]:
+    """An official file converted into the dict a pointbert checkpoint holds (what :func:`load_checkpoint`
+    returns) and the :class:`ImportReport`. ``options`` go to :func:`convert_official`; ``class_names`` is a
+    text file of one name per line for a classifier (default: the ModelNet40 names for 40 outputs)."""
+    cfg, model, report = convert_official(source, where=where, **options)
+    ckpt: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": cfg.kind,
+                            "config": cfg.to_dict(), "model": model.state_dict(),
+                            "official_metrics": report.metrics, "source": report.source}
+    if class_names:
         if cfg.kind != "classifier":
-            raise CheckpointError(f"{args.class_names}: --class-names applies to classifiers, "
-                                  f"this is a {cfg.kind}")
-        extra["class_names"] = read_class_names(args.class_names, cfg.head.num_classes)
-        report.notes.append(f"class names from {args.class_names}")
+            raise CheckpointError(f"{class_names}: --class-names applies to classifiers, this is a {cfg.kind}")
+        ckpt["class_names"] = read_class_names(class_names, cfg.head.num_classes)
+        report.notes.append(f"class names from {class_names}")
     elif cfg.kind == "classifier" and cfg.head.num_classes == len(MODELNET40_CLASSES):
-        extra["class_names"] = list(MODELNET40_CLASSES)
+        ckpt["class_names"] = list(MODELNET40_CLASSES)
         report.notes.append("class names: the 40 ModelNet40 classes (airplane ... xbox), assumed for 40 "
                             "outputs (official ScanObjectNN files also have 40; give --class-names FILE "
                             "otherwise)")
-    save_checkpoint(args.out, cfg, model, **extra)
+    return ckpt, report
+
+
+def import_command(args: argparse.Namespace) -> int:
+    """``pointbert import SRC.pth --out DST [--kind] [--num-points] [--num-patches] [--num-heads]
+    [--keep-momentum] [--class-names FILE] [--safetensors FILE]``."""
+    ckpt, report = official_checkpoint(
+        args.source, kind=args.kind, num_points=args.num_points, num_patches=args.num_patches,
+        num_heads=getattr(args, "num_heads", None), keep_momentum=getattr(args, "keep_momentum", False),
+        class_names=args.class_names)
+    cfg = config_of(ckpt, args.source)
+    extra = {k: v for k, v in ckpt.items() if k not in ("format", "format_version", "kind", "config", "model")}
+    save_checkpoint(args.out, cfg, ckpt["model"], **extra)
     if args.safetensors:
-        export_safetensors(args.safetensors, cfg, model, source=report.source)
+        export_safetensors(args.safetensors, cfg, ckpt["model"], source=report.source)
     for line in report.lines():
         print(line)
     print(f"wrote {args.out}" + (f" and {args.safetensors}" if args.safetensors else ""))

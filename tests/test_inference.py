@@ -249,13 +249,13 @@ def test_bad_inputs_exit_2(ckpts, tmp_path, capsys):
         ("predict", ckpts["tokenizer"], "is a tokenizer checkpoint, expected classifier"),
         ("tokenize", ckpts["classifier"], "is a classifier checkpoint, expected tokenizer or pretrain"),
         ("embed", ckpts["tokenizer"], "expected pretrain or classifier"),
-        ("embed", official, "convert it with `pointbert import`"),
+        ("embed", official, "not a recognised official Point-BERT checkpoint"),
         ("embed", tmp_path / "missing.pt", "no such checkpoint file"),
         ("embed", tmp_path, "no such checkpoint file (a folder)"),
         ("predict", evil, "refuses to unpickle builtins.print: loading it would execute code"),
         ("predict", plain, "a plain Python pickle, not written by torch.save"),
         ("predict", text, "not a PyTorch checkpoint file (it is a text file)"),
-        ("predict", numpy_meta, "convert it with `pointbert import`"),  # numpy scalars: readable, not ours
+        ("predict", numpy_meta, "not a recognised official"),  # numpy scalars: readable; converted, incomplete
     ]
     for command, ckpt, phrase in checkpoint_cases:
         code, _, err = run(capsys, command, ckpt, good, "--out", tmp_path / "o.npy")

@@ -696,3 +696,44 @@ def test_import_command_pretrain_report_and_errors(tmp_path, capsys):
     assert "missing 'cls_token'" in capsys.readouterr().err
     assert main(["import", str(src), "--out", str(tmp_path / "x.pt"), "--num-points", "8"]) == 2
     assert "num_points" in capsys.readouterr().err
+
+
+def test_official_files_are_accepted_wherever_a_checkpoint_is(tmp_path, capsys):
+    """Commands, --init and --tokenizer read the released .pth files as they are (converted in memory)."""
+    from pointbert.checkpoint import build_model
+    from pointbert.config import Config
+    from pointbert.tasks.finetune import load_init
+    from pointbert.tasks.pretrain import load_tokenizer_checkpoint
+
+    src = tmp_path / "ModelNet_1k.pth"
+    state = official_state("classifier", SMALL)
+    torch.save({"base_model": {"module." + k: v for k, v in state.items()}, "epoch": 250}, src)
+    model, ckpt = load_model(src, ("classifier",))
+    assert "ModelNet_1k.pth is an official Point-BERT classifier file, converted in memory" in capsys.readouterr().err
+    assert ckpt["source"] == "ModelNet_1k.pth" and ckpt["class_names"][0] == "airplane"
+    pts = cloud(2, 1024)
+    ref = ref_from(RefClassifier(SMALL, heads=2), state)
+    with torch.no_grad():
+        assert close(model(pts), ref(*group(pts, 64, 32)))
+    # the same as `pointbert import` with its defaults
+    out = tmp_path / "mn40.pt"
+    assert main(["import", str(src), "--out", str(out)]) == 0
+    imported, _ = load_model(out)
+    with torch.no_grad():
+        assert torch.equal(imported(pts), model(pts))
+    np.save(tmp_path / "x.npy", pts.numpy())
+    for ckpt_path, logits in ((src, "direct.npy"), (out, "imported.npy")):
+        assert main(["predict", str(ckpt_path), str(tmp_path / "x.npy"), "--out", str(tmp_path / logits)]) == 0
+    assert np.array_equal(np.load(tmp_path / "direct.npy"), np.load(tmp_path / "imported.npy"))
+
+    # a pre-trained file as --init of fine-tuning, a dVAE as the tokenizer of pre-training
+    pre = tmp_path / "Point-BERT.pth"
+    torch.save({"base_model": official_state("pretrain", SMALL)}, pre)
+    fresh = build_model(Config.from_dict(load_checkpoint(out)["config"]))
+    report = load_init(fresh, pre)
+    assert report.loaded and all(k.startswith("head.") for k in report.new)
+    dvae = tmp_path / "dVAE.pth"
+    torch.save({"base_model": official_state("tokenizer", SMALL)}, dvae)
+    tokenizer_state, tokenizer_cfg = load_tokenizer_checkpoint(dvae)
+    assert tokenizer_cfg.tokenizer.vocab_size == SMALL["vocab"] and len(tokenizer_state) > 50
+    assert "official Point-BERT tokenizer file" in capsys.readouterr().err
