@@ -108,8 +108,11 @@ def load_checkpoint(path: str | Path, kinds: tuple[str, ...] | None = None) -> d
         from .official import official_checkpoint
 
         ckpt, report = official_checkpoint(ckpt, where=str(path))
-        print(f"note: {path} is an official Point-BERT {report.kind} file, converted in memory "
-              f"(`pointbert import` saves the conversion)", file=sys.stderr, flush=True)
+        c = ckpt["config"]
+        print(f"note: {path} is an official Point-BERT {report.kind} file, converted in memory for "
+              f"{c['data']['num_points']} points in {c['patches']['num_patches']} patches (`pointbert import "
+              f"--num-points N --num-patches G` converts it for other sizes and saves it)",
+              file=sys.stderr, flush=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a pointbert checkpoint")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
