@@ -639,9 +639,12 @@ def fit(task: Task, out: str | Path, *, device: str | torch.device | None = None
             f"{ctx.world_size} x {ctx.device} ({precision}), "
             f"{len(dataset)} samples, {ctx.num_epochs} epochs x {ctx.steps_per_epoch} steps of "
             f"{cfg.train.batch_size}, out {out}")
-    if cfg.optim.warmup_epochs >= cfg.train.epochs > 0:
-        ctx.log(f"warning: optim.warmup_epochs ({cfg.optim.warmup_epochs}) >= train.epochs ({cfg.train.epochs}): "
-                "the learning rate stays in its warm-up, below optim.lr, for the whole run")
+    # the official per-epoch schedule trains epoch e at f(e - 1): its warm-up is over from epoch warmup + 1 on
+    over = cfg.optim.warmup_epochs + (1 if cfg.optim.schedule == "epoch" else 0)
+    if cfg.optim.warmup_epochs > 0 and ctx.num_epochs <= over:
+        ctx.log(f"warning: {ctx.num_epochs} epochs with optim.warmup_epochs={cfg.optim.warmup_epochs}: the learning "
+                f"rate stays in its warm-up, far below optim.lr, for the whole run (the warm-up is over from epoch "
+                f"{over} on, counting from 0)")
 
     def save_last() -> None:
         _save(last_path, task, model, optimizer, scaler, state, ctx)

@@ -134,6 +134,18 @@ def test_step_schedule_is_continuous_warmup_then_cosine():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("schedule,epochs,warned", [("epoch", 2, True), ("epoch", 3, False),
+                                                     ("step", 1, True), ("step", 2, False)])
+def test_a_run_that_never_leaves_its_warmup_is_warned_about(tmp_path, schedule, epochs, warned):
+    cfg = toy_cfg(epochs=epochs)
+    cfg.optim.schedule = schedule  # warm-up 1 epoch; the epoch schedule leaves it in epoch 2 (from 0)
+    fit(ToyTask(cfg, n=8), tmp_path / "run", device="cpu", quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    top = max(r["lr"] for r in rows if r["kind"] == "train")
+    assert ("stays in its warm-up" in (tmp_path / "run" / "log.txt").read_text()) == warned
+    assert (top < 0.5 * cfg.optim.lr) == warned
+
+
 def test_weight_decay_groups_follow_the_official_rule():
     model = Classifier(preset("tiny-classifier"))
     decay, no_decay = engine.split_weight_decay(model)
