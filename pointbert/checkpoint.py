@@ -83,30 +83,19 @@ def save_checkpoint(path: str | Path, cfg: Config, model: nn.Module | dict[str, 
     atomic_write_bytes(path, buf.getvalue())
 
 
-def looks_official(obj: dict) -> bool:
-    """An official Point-BERT file: its weights under ``base_model`` / ``model`` / ``model_state_dict``
-    (spec 7.1), or a bare state dict of tensors."""
-    from torch import Tensor
-
-    state = next((obj[k] for k in ("base_model", "model", "model_state_dict") if isinstance(obj.get(k), dict)), obj)
-    return bool(state) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())
-
-
 def load_checkpoint(path: str | Path, kinds: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Read a pointbert checkpoint safely (weights only) and check its format and kind.
 
     An official Point-BERT ``.pth`` (dVAE, pre-trained, fine-tuned, part segmentation) is converted in
     memory as ``pointbert import`` would with its defaults, with a note on stderr, so every command and
     ``--init`` / ``--tokenizer`` accept the released files as they are."""
-    from .official import read_official
+    from .official import looks_official, official_checkpoint, read_official
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file" + (" (a folder)" if path.is_dir() else ""))
     ckpt = read_official(path)  # weights only: a file that needs code is refused, naming what it needs
     if isinstance(ckpt, dict) and ckpt.get("format") != FORMAT and looks_official(ckpt):
-        from .official import official_checkpoint
-
         ckpt, report = official_checkpoint(ckpt, where=str(path))
         c = ckpt["config"]
         print(f"note: {path} is an official Point-BERT {report.kind} file, converted in memory for "

@@ -213,6 +213,12 @@ def official_state_dict(obj: Any, where: str = "checkpoint") -> tuple[dict[str, 
     return {k.removeprefix("module."): v for k, v in state.items()}, layout, stripped
 
 
+def looks_official(obj: dict) -> bool:
+    """Weights as an official file holds them: under one of :data:`STATE_KEYS`, or a bare dict of tensors."""
+    state = next((obj[k] for k in STATE_KEYS if isinstance(obj.get(k), dict)), obj)
+    return bool(state) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())
+
+
 def official_metrics(obj: Any) -> dict[str, Any]:
     """The numbers an official file records besides its weights (epoch, metrics, best_metrics,
     segmentation accuracies) as plain Python values; optimizer state and weights are left out."""
