@@ -55,12 +55,27 @@ def build_model(cfg: Config) -> nn.Module:
     raise ConfigError(f"unknown model kind {cfg.kind!r}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir() or not path.name:
+        raise IsADirectoryError(21, "is a folder; give a file name", str(path))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # name the file the user asked for, not the temporary one
+        raise OSError(e.errno, f"cannot write here ({e.strerror})", str(path)) from None
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it, not mkstemp's owner-only 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -603,4 +603,20 @@ def validate(cfg: Config) -> Config:
          f"train.precision must be auto, fp32, bf16 or fp16, got {cfg.train.precision!r}")
     need(cfg.data.augment in ("scale_translate", "partseg", "none"),
          f"data.augment must be scale_translate, partseg or none, got {cfg.data.augment!r}")
+    tr = cfg.train
+    for name, v in [("train.log_every", tr.log_every), ("train.vote_views", tr.vote_views),
+                    ("train.vote_repeats", tr.vote_repeats), ("tokenizer.temp_steps", t.temp_steps),
+                    ("tokenizer.kl_steps", t.kl_steps), ("tokenizer.temp_start", t.temp_start),
+                    ("tokenizer.temp_end", t.temp_end), ("optim.eps", o.eps)]:
+        need(v > 0, f"{name} must be positive, got {v}")
+    for name, v in [("train.seed", tr.seed), ("data.num_workers", cfg.data.num_workers),
+                    ("optim.warmup_lr", o.warmup_lr), ("optim.min_lr", o.min_lr), ("tokenizer.kl_delay", t.kl_delay)]:
+        need(v >= 0, f"{name} must be >= 0, got {v}")
+    need(o.lr < float("inf"), f"optim.lr must be finite, got {o.lr}")
+    need(len(o.betas) == 2 and all(0 <= x < 1 for x in o.betas), f"optim.betas must be two values in [0, 1), "
+         f"got {list(o.betas)}")
+    need(hi > 0, f"mpm.mask_ratio must allow masking (hi > 0), got {list(m.mask_ratio)}")
+    if cfg.kind == "classifier":  # training subsets and voting views are drawn from the FPS pool
+        need(cfg.data.point_pool >= cfg.data.num_points,
+             f"data.point_pool ({cfg.data.point_pool}) must be at least data.num_points ({cfg.data.num_points})")
     return cfg

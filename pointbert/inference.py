@@ -263,6 +263,9 @@ def _setup(args: argparse.Namespace, command: str, pool: bool = False):
                              f"of {cfg.patches.patch_size} points, it needs at least {need}")
     if Path(args.out).is_dir():
         raise PointBERTError(f"--out {args.out}: is a folder; give a file name such as {Path(args.out) / 'out.npy'}")
+    for what, given in (("checkpoint", args.checkpoint), ("input", args.input)):
+        if Path(args.out).resolve() == Path(given).resolve():
+            raise PointBERTError(f"--out {args.out}: is the {what}; writing there would destroy it")
     read = max(num_points, cfg.data.point_pool) if pool else num_points
     say = lambda m: print(f"pointbert {command}: warning: {m}", file=sys.stderr)  # noqa: E731
     points, names = load_clouds(args.input, read, args.normalize, min_points=need, warn=say)

@@ -585,6 +585,11 @@ def official_checkpoint(source: Source, *, class_names: str | Path | None = None
 def import_command(args: argparse.Namespace) -> int:
     """``pointbert import SRC.pth --out DST [--kind] [--num-points] [--num-patches] [--num-heads]
     [--keep-momentum] [--class-names FILE] [--safetensors FILE]``."""
+    for out in filter(None, (args.out, args.safetensors)):
+        if Path(out).resolve() == Path(args.source).resolve():
+            raise CheckpointError(f"{out}: is the official file being imported; give another output name")
+        if Path(out).is_dir():
+            raise CheckpointError(f"{out}: is a folder; give a file name")
     ckpt, report = official_checkpoint(
         args.source, kind=args.kind, num_points=args.num_points, num_patches=args.num_patches,
         num_heads=getattr(args, "num_heads", None), keep_momentum=getattr(args, "keep_momentum", False),

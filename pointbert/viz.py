@@ -221,7 +221,13 @@ def render_command(args) -> int:
     cfg = config_of(ckpt, args.checkpoint)
     if cfg.kind == "partseg" and not getattr(args, "category", None):
         raise PointBERTError(f"{args.checkpoint}: a part segmentation checkpoint; give the clouds' --category")
-    points, names = load_clouds(args.input, args.num_points or cfg.data.num_points, args.normalize)
+    num_points, need = args.num_points or cfg.data.num_points, max(cfg.patches.num_patches, cfg.patches.patch_size)
+    if num_points < need:
+        raise PointBERTError(f"--num-points {num_points}: the model groups {cfg.patches.num_patches} patches of "
+                             f"{cfg.patches.patch_size} points, it needs at least {need}")
+    if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
+        raise PointBERTError(f"--out {args.out}: give a picture file name (.png, .jpg, .pdf or .svg)")
+    points, names = load_clouds(args.input, num_points, args.normalize, min_points=need)
     points = torch.from_numpy(points[: args.max_clouds])
     tokenizer = model if cfg.kind == "tokenizer" else getattr(model, "tokenizer", None)
     panels: list[dict] = []

@@ -61,6 +61,16 @@ def test_yaml_names_its_base_preset(tmp_path):
     ("tokenizer.logit_norm=maybe", "expected true/false"),
     ("tokenizer.chamfer_half=0", "expected true/false"),
     ("nonsense", "section.field=value"),
+    ("train.seed=-1", "train.seed must be >= 0"),
+    ("train.log_every=0", "train.log_every must be positive"),
+    ("train.vote_views=0", "train.vote_views must be positive"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("optim.betas=[2, 3]", "optim.betas must be two values in"),
+    ("optim.eps=-1", "optim.eps must be positive"),
+    ("optim.lr=.inf", "optim.lr must be finite"),
+    ("tokenizer.temp_start=0", "tokenizer.temp_start must be positive"),
+    ("mpm.mask_ratio=[0, 0]", "hi > 0"),
+    ("data.point_pool=10", "must be at least data.num_points"),
 ])
 def test_bad_values_give_one_clear_line(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")) as e:

@@ -44,6 +44,19 @@ def copy_modelnet_subset(dst: Path, n_per_class: int = 3) -> Path:
 
 
 @needs_fixture
+def test_prepare_refuses_an_out_inside_the_dataset_before_writing(tmp_path, capsys):
+    data = tmp_path / "shapes"
+    for c in ("a", "b"):
+        for split in ("train", "test"):
+            (data / c / split).mkdir(parents=True)
+            np.save(data / c / split / "0.npy", np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32))
+    for out in (data / "cache", data):
+        assert main(["data", "prepare", str(data), "--out", str(out)]) == 2
+        assert "inside the dataset" in capsys.readouterr().err
+    assert sorted(p.name for p in data.iterdir()) == ["a", "b"]  # nothing written
+    assert main(["data", "prepare", str(data), "--out", str(data / ".mine")]) == 0  # hidden: not read as data
+
+
 def test_prepare_command_on_genuine_fixture(tmp_path, capsys):
     out = tmp_path / "cache"
     rc = main(["data", "prepare", str(MN_FIXTURE), "--num-points", "64", "--out", str(out)])

@@ -105,6 +105,12 @@ def test_init_with_another_backbone_size_names_the_mismatch(tmp_path):
     save_checkpoint(tmp_path / "wide.pt", cfg, PointBERT(cfg))
     with pytest.raises(CheckpointError, match="dim=48.*matching --preset"):
         load_init(Classifier(preset("tiny-classifier")), tmp_path / "wide.pt")
+    save_checkpoint(tmp_path / "tiny.pt", preset("tiny-pretrain"), PointBERT(preset("tiny-pretrain")))
+    for depth, phrase in ((3, "holds no backbone.blocks.2"), (1, "backbone.blocks.1.* has no place|blocks.1")):
+        cfg = preset("tiny-classifier")
+        cfg.backbone.depth = depth  # deeper or shallower than the stored backbone (depth 2)
+        with pytest.raises(CheckpointError, match=f"({phrase}).*depth=2"):
+            load_init(Classifier(cfg), tmp_path / "tiny.pt")
 
 
 def test_init_or_scratch_is_required():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -267,9 +268,25 @@ def test_bad_inputs_exit_2(ckpts, tmp_path, capsys):
             continue
         code, _, err = run(capsys, "predict", ckpts["classifier"], good, "--out", tmp_path / "o.npy", *flags)
         assert code == 2 and phrase in err and err.count("\n") == 1, err
-    # an output path that cannot be written: one line naming it, no traceback
+    # an output path that cannot be written: one line naming it (not a temporary file), no traceback
     code, _, err = run(capsys, "embed", ckpts["classifier"], good, "--out", good / "f.npy")  # under a file
-    assert code == 2 and err.count("\n") == 1 and "good.npy" in err and "Traceback" not in err, err
+    assert code == 2 and err.count("\n") == 1 and "good.npy/f.npy" in err and ".tmp" not in err, err
+    # an output that would overwrite what is read: refused, both left intact
+    before = good.read_bytes(), ckpts["classifier"].read_bytes()
+    for out, what in ((good, "is the input"), (ckpts["classifier"], "is the checkpoint")):
+        code, _, err = run(capsys, "predict", ckpts["classifier"], good, "--out", out)
+        assert code == 2 and what in err and err.count("\n") == 1, err
+    assert (good.read_bytes(), ckpts["classifier"].read_bytes()) == before
+    # coordinates so large that float32 distances overflow: refused instead of NaN results
+    huge = tmp_path / "huge.npy"
+    np.save(huge, 1e30 * np.load(good))
+    code, _, err = run(capsys, "embed", ckpts["classifier"], huge, "--out", tmp_path / "o.npy")
+    assert code == 2 and "too large for float32 distances" in err and err.count("\n") == 1, err
+    # outputs get the permissions open() would give them, not the temporary file's owner-only 0600
+    code, _, _ = run(capsys, "embed", ckpts["classifier"], good, "--out", tmp_path / "perm.npy")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert code == 0 and (tmp_path / "perm.npy").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_outputs_exact_name_row_names_and_scale_warning(ckpts, inputs, tmp_path, capsys):

@@ -101,7 +101,7 @@ def test_fewshot_folds_and_summary():
     assert parse_folds("0-9") == list(range(10))
     assert parse_folds("0,3,5") == [0, 3, 5]
     assert parse_folds("0-2,7") == [0, 1, 2, 7]
-    for bad in ("a", "1,1", "-1", ""):
+    for bad in ("a", "1,1", "-1", "", "1-"):
         with pytest.raises(ConfigError):
             parse_folds(bad)
     rows = [{"fold": 0, "best_acc": 90.0, "best_epoch": 3, "last_acc": 80.0},

@@ -393,6 +393,12 @@ def prepare_command(args) -> int:
         raise DataError(f"--split must be train, test, val or all, got {args.split!r}")
     if args.num_points is not None and args.num_points <= 0:
         raise DataError(f"--num-points must be positive, got {args.num_points}")
+    if args.out:
+        root, out = Path(args.path).resolve(), Path(args.out).resolve()
+        inside = out == root or root in out.parents
+        if inside and not any(part.startswith(".") for part in out.relative_to(root).parts):
+            raise DataError(f"--out {args.out}: inside the dataset {args.path}, where it would be read as data; "
+                            f"use a folder outside it or a hidden one such as {Path(args.path) / DEFAULT_DIR}")
     caches = prepare_cache(args.path, args.dataset, args.split, args.num_points, args.out, args.skip_bad)
     for c in caches:
         print(f"cache ready: {c}")

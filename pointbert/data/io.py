@@ -91,11 +91,13 @@ def read_clouds(path: str | Path, *, mesh_points: int = 8192) -> list[tuple[str,
                 raise DataError(f"{p}: has {a.shape[2]} columns (shape {a.shape}); need at least 3 (x, y, z)")
             if a.shape[1] == 0:
                 raise DataError(f"{p}: no points (shape {a.shape})")
-            clouds = np.ascontiguousarray(a[:, :, :3], dtype=np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):
+                clouds = np.ascontiguousarray(a[:, :, :3], dtype=np.float32)
             bad = ~np.isfinite(clouds).all(axis=(1, 2))
             if bad.any():
                 raise DataError(f"{p}: {int(bad.sum())} of {len(clouds)} clouds contain non-finite values "
                                 f"(NaN or inf), the first is cloud {int(bad.argmax())}")
+            check_coordinates(clouds, p)
             return [(f"{p.name}[{i}]", f"{p} (cloud {i})", c) for i, c in enumerate(clouds)]
     return [(p.name, str(p), read_points(p, mesh_points=mesh_points))]
 
@@ -107,13 +109,27 @@ def _one_line(e: BaseException) -> str:
 
 
 def _checked(p: Path, a: np.ndarray) -> np.ndarray:
-    """(N, 3) float32, N > 0, all finite; else DataError naming ``p``."""
-    a = np.ascontiguousarray(a, dtype=np.float32)
+    """(N, 3) float32, N > 0, all finite and below :data:`MAX_COORDINATE`; else DataError naming ``p``."""
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become inf: reported below
+        a = np.ascontiguousarray(a, dtype=np.float32)
     if len(a) == 0:
         raise DataError(f"{p}: no points")
+    return check_coordinates(a, p)
+
+
+#: larger coordinates overflow float32 in squared distances (FPS, kNN, normalisation)
+MAX_COORDINATE = 1e15
+
+
+def check_coordinates(a: np.ndarray, where: str | Path) -> np.ndarray:
+    """``a`` if all its values are finite and below :data:`MAX_COORDINATE` in magnitude; else DataError."""
     if not np.isfinite(a).all():
         bad = a.size - int(np.isfinite(a).sum())
-        raise DataError(f"{p}: {bad} non-finite value{'s' * (bad > 1)} (NaN or inf) among {len(a)} points")
+        raise DataError(f"{where}: {bad} non-finite value{'s' * (bad > 1)} (NaN or inf) among {len(a)} points")
+    top = float(np.abs(a).max()) if a.size else 0.0
+    if top > MAX_COORDINATE:
+        raise DataError(f"{where}: coordinates up to {top:.3g}, too large for float32 distances "
+                        f"(at most {MAX_COORDINATE:.0e}); rescale the cloud")
     return a
 
 

@@ -32,8 +32,8 @@ def parse_folds(spec: str) -> list[int]:
     folds: list[int] = []
     try:
         for item in spec.split(","):
-            lo, _, hi = item.strip().partition("-")
-            folds.extend(range(int(lo), int(hi if hi else lo) + 1))
+            lo, dash, hi = item.strip().partition("-")
+            folds.extend(range(int(lo), int(hi if dash else lo) + 1))
     except ValueError:
         raise ConfigError(f"--folds {spec!r}: expected a range like 0-9 or a list like 0,3,5") from None
     if not folds or min(folds) < 0 or len(set(folds)) != len(folds):
@@ -44,6 +44,9 @@ def parse_folds(spec: str) -> list[int]:
 def fewshot_config(cfg: Config, way: int | None, shot: int | None) -> Config:
     """The episode data of a classifier config: ``data.dataset = fewshot`` reading from ``data.path``
     (an official few-shot folder or a labelled dataset; empty = synthetic shapes); --way/--shot applied."""
+    for flag, v in (("--way", way), ("--shot", shot)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{flag} must be positive, got {v}")
     d: dict[str, Any] = {"dataset": "fewshot"}
     if cfg.data.dataset == "synthetic":
         d["path"] = ""

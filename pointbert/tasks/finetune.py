@@ -112,26 +112,28 @@ def load_init(model: Classifier, path: str | Path) -> InitReport:
         names = {k: k for k in src}
     ignored = [k for k in src if k not in names]
     take: dict[str, Tensor] = {}
+    def mismatch(detail: str) -> CheckpointError:
+        stored = config_of(ckpt, str(path)).backbone
+        return CheckpointError(f"{path}: {detail}; the checkpoint's backbone is dim={stored.dim} "
+                               f"depth={stored.depth} num_heads={stored.num_heads}: use a matching --preset or "
+                               f"backbone.* overrides")
+
     for s, k in names.items():
         v = src[s]
         if k not in target:
+            if k.startswith("backbone."):
+                raise mismatch(f"{k} has no place in this model")
             ignored.append(s)
         elif v.shape != target[k].shape:
             if k not in head:
-                stored = config_of(ckpt, str(path)).backbone
-                raise CheckpointError(
-                    f"{path}: {k} has shape {tuple(v.shape)} there, {tuple(target[k].shape)} in this model; "
-                    f"the checkpoint's backbone is dim={stored.dim} depth={stored.depth} "
-                    f"num_heads={stored.num_heads}: use a matching --preset or backbone.* overrides")
+                raise mismatch(f"{k} has shape {tuple(v.shape)} there, {tuple(target[k].shape)} in this model")
             ignored.append(s)
         else:
             take[k] = v
     missing, unexpected = model.load_state_dict(take, strict=False)
-    assert not unexpected, unexpected
-    if kind == "pretrain":
-        assert set(missing) == head, f"expected exactly the head to be new, got {sorted(missing)}"
-    else:
-        assert set(missing) <= head, f"expected only head tensors to be new, got {sorted(missing)}"
+    if unexpected or set(missing) - head:
+        raise mismatch(f"holds no {sorted(set(missing) - head)[0]}" if set(missing) - head
+                       else f"{unexpected[0]} has no place in this model")
     return InitReport(str(path), kind, loaded=list(take), new=sorted(missing), ignored=sorted(ignored))
 
 
