@@ -119,6 +119,10 @@ def load_checkpoint(path: str | Path, kinds: tuple[str, ...] | None = None) -> d
               file=sys.stderr, flush=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a pointbert checkpoint")
+    if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict) \
+            or not isinstance(ckpt.get("format_version", 0), int):
+        raise CheckpointError(f"{path}: a damaged pointbert checkpoint (its model, config or format_version "
+                              "entry is missing or of the wrong type)")
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer pointbert (format {ckpt['format_version']}); upgrade")
     if kinds is not None and ckpt.get("kind") not in kinds:

@@ -490,7 +490,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: no such config file")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (a YAML config is expected)") from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         raise ConfigError(f"{p}: invalid YAML{'' if line is None else f' at line {line + 1}'}") from None
@@ -508,6 +510,10 @@ def build_config(preset_name: str | None = None, yaml_path: str | Path | None = 
     d: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
     base = preset_name or d.pop("preset", None)
     d.pop("preset", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{yaml_path}: preset must be a preset name, got {base!r}")
+    if kind and d.get("kind", kind) != kind:
+        raise ConfigError(f"{yaml_path}: kind {d['kind']!r}, this command needs a {kind} config")
     cfg = preset(base) if base else Config(kind=kind or "classifier")
     if kind and cfg.kind != kind:
         raise ConfigError(f"preset {base!r} is a {cfg.kind} config, this command needs a {kind} config")

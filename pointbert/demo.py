@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .config import Config, apply_overrides, preset, validate
-from .engine import fit
+from .engine import fit, resolve_device
 from .errors import PointBERTError
 
 
@@ -109,6 +109,11 @@ def demo_command(args: Any) -> int:
     from .tasks.probe import backbone_of, run_probe
     from .tasks.tokenizer import TokenizerTask
 
+    for flag in ("seeds", "train_size", "test_size", "way", "shot", "fewshot_epochs", "labels_per_class",
+                 "finetune_epochs"):
+        if getattr(args, flag) < 1:
+            raise PointBERTError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfgs = demo_configs(list(args.overrides or []))

@@ -256,6 +256,8 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
             raise TrainingError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
     if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise TrainingError(f"device {name!r}: MPS is not available on this machine")
+    if dev.type == "meta" or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise TrainingError(f"device {name!r}: not a device that computes here (cpu, cuda, cuda:1, mps, ...)")
     return dev
 
 
@@ -567,6 +569,8 @@ def fit(task: Task, out: str | Path, *, device: str | torch.device | None = None
     """
     cfg = task.cfg
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out}: is a file; the run needs a folder")
     ctx = _setup_context(task, out, device)
     rec = _Recorder(out, ctx.is_main)
     ctx.log = rec.log

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import atomic_write_bytes, config_of, load_model
+from .engine import resolve_device
 from .errors import DataError, PointBERTError
 
 Points = np.ndarray | Tensor
@@ -233,18 +234,6 @@ KINDS = {"predict": ("classifier",), "tokenize": ("tokenizer", "pretrain"),
          "embed": ("pretrain", "classifier"), "segment": ("partseg",)}
 
 
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise PointBERTError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PointBERTError(f"--device {name}: CUDA is not available here")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise PointBERTError(f"--device {name}: MPS is not available here")
-    return device
-
-
 def _setup(args: argparse.Namespace, command: str, pool: bool = False):
     """(model, checkpoint dict, points (B, N, 3), names, points per view) for a command.
 
@@ -254,7 +243,7 @@ def _setup(args: argparse.Namespace, command: str, pool: bool = False):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise PointBERTError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    model, ckpt = load_model(args.checkpoint, kinds=KINDS[command], device=_device(args.device))
+    model, ckpt = load_model(args.checkpoint, kinds=KINDS[command], device=resolve_device(args.device))
     cfg = config_of(ckpt, str(args.checkpoint))
     num_points = args.num_points or cfg.data.num_points
     need = max(cfg.patches.num_patches, cfg.patches.patch_size)

@@ -78,6 +78,17 @@ def test_bad_values_give_one_clear_line(override, message):
     assert "\n" not in str(e.value)
 
 
+def test_yaml_that_is_binary_names_no_preset_or_another_kind(tmp_path):
+    bad = {"bin.yaml": b"\x89PNG\x00\xff", "list.yaml": b"preset: [1]\n",
+           "kind.yaml": b"preset: tiny-classifier\nkind: tokenizer\n"}
+    for name, text in bad.items():
+        (tmp_path / name).write_bytes(text)
+    for name, message in (("bin.yaml", "not a text file"), ("list.yaml", "preset must be a preset name"),
+                          ("kind.yaml", "kind 'tokenizer', this command needs a classifier config")):
+        with pytest.raises(ConfigError, match=message):
+            build_config(yaml_path=tmp_path / name, kind="classifier")
+
+
 def test_missing_yaml_and_unknown_preset_and_wrong_kind(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         build_config(yaml_path=tmp_path / "nope.yaml")

@@ -31,3 +31,12 @@ def test_demo_runs_every_stage_and_resumes(tmp_path, capsys):
     assert "holds a demo made with other settings (--shot 2 -> 3)" in err and err.count("\n") == 1
     assert main(["demo", "--out", str(tmp_path / "small"), "--train-size", "20", "--quiet"]) == 2
     assert "only 0 classes have 10 shapes" in capsys.readouterr().err
+
+
+def test_demo_checks_its_flags_before_any_work(tmp_path, capsys):
+    for flags, message in ((["--seeds", "0"], "--seeds must be positive"),
+                           (["--train-size", "-5"], "--train-size must be positive"),
+                           (["--device", "gpu"], "is not a device name")):
+        assert main(["demo", "--out", str(tmp_path / "d"), *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

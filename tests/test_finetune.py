@@ -192,6 +192,13 @@ def test_finetune_then_evaluate_with_voting(tmp_path, small_synthetic, capsys):
     assert re.search(rf"^accuracy +{evals[0]['acc']:.2f} %$", table, re.M)  # the same as during training
     assert "vote accuracy, max of 2" in table and "vote accuracy, mean of 2" in table
     assert "synthetic test: 30 clouds, 15 classes" in table
+    # model settings come from the checkpoint: an override of them is refused, not silently ignored
+    assert main(["evaluate", str(out / "best.pt"), "backbone.depth=1"]) == 2
+    assert "only data.* and train.* settings apply" in capsys.readouterr().err
+    # a run folder must be a folder
+    (tmp_path / "afile").write_text("x")
+    assert main(["finetune", "--preset", "tiny-classifier", "--scratch", "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file; the run needs a folder" in capsys.readouterr().err
 
     # --resume alone continues the run with its stored config; a finished run says so
     assert main(["finetune", "--out", str(out), "--resume", "--quiet"]) == 0

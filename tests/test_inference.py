@@ -262,8 +262,14 @@ def test_bad_inputs_exit_2(ckpts, tmp_path, capsys):
         code, _, err = run(capsys, command, ckpt, good, "--out", tmp_path / "o.npy")
         assert code == 2 and err.count("\n") == 1 and ckpt.name in err and phrase in err, err
 
+    damaged = tmp_path / "damaged.pt"
+    torch.save({**torch.load(ckpts["classifier"], weights_only=True), "model": [1]}, damaged)
+    code, _, err = run(capsys, "predict", damaged, good, "--out", tmp_path / "o.npy")
+    assert code == 2 and "a damaged pointbert checkpoint" in err and err.count("\n") == 1, err
     for flags, phrase in ((["--num-points", "8"], "needs at least 16"), (["--batch-size", "0"], "positive"),
-                          (["--vote", "-1"], "--vote"), (["--device", "cuda:7"], "not available")):
+                          (["--vote", "-1"], "--vote"), (["--device", "cuda:7"], "not available"),
+                          (["--device", "meta"], "not a device that computes"),
+                          (["--device", "cpu:3"], "not a device that computes")):
         if flags[0] == "--device" and torch.cuda.is_available():
             continue
         code, _, err = run(capsys, "predict", ckpts["classifier"], good, "--out", tmp_path / "o.npy", *flags)

@@ -237,3 +237,5 @@ def test_probe_command(pretrain_run, data, tmp_path, capsys):
     assert main(["probe", "--random", "--preset", "tiny-classifier", "--feature", "projection",
                  "--data", str(data["folder"])]) == 2
     assert "projection head" in capsys.readouterr().err
+    assert main(["probe", "--random", "--preset", "tiny-tokenizer", "--data", str(data["folder"])]) == 2
+    assert "a tokenizer preset has no backbone to probe" in capsys.readouterr().err

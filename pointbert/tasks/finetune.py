@@ -370,6 +370,10 @@ def evaluate_command(args: Any) -> int:
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, ("classifier",), device=device)
     cfg = config_of(ckpt, args.checkpoint)
+    fixed = [o for o in args.overrides or [] if not o.startswith(("data.", "train."))]
+    if fixed:
+        raise ConfigError(f"override {fixed[0]!r}: the model comes from the checkpoint; only data.* and train.* "
+                          "settings apply to an evaluation")
     cfg = apply_data_arg(cfg, args.data)
     cfg = validate(apply_overrides(cfg, list(args.overrides or [])))
     if args.batch_size is not None and args.batch_size <= 0:

@@ -129,6 +129,9 @@ def probe_command(args: Any) -> int:
         from ..config import preset
 
         cfg = preset(args.preset or "pretrain")
+        if cfg.kind not in ("pretrain", "classifier"):
+            raise ConfigError(f"--preset {args.preset}: a {cfg.kind} preset has no backbone to probe; "
+                              "give a pretrain or classifier preset")
         cfg = validate(apply_overrides(cfg, list(args.overrides or [])))
         torch.manual_seed(args.seed)
         model = build_model(cfg).to(device).eval()
