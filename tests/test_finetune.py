@@ -202,8 +202,12 @@ def test_finetune_then_evaluate_with_voting(tmp_path, small_synthetic, capsys):
 
     # --resume alone continues the run with its stored config; a finished run says so
     assert main(["finetune", "--out", str(out), "--resume", "--quiet"]) == 0
-    assert "already finished" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "already finished" in printed and "changed settings" not in printed
     assert load_checkpoint(out / "last.pt")["step"] == 48 // 8
+    # what a resume changes is said (here nothing trains: the new value only reaches the config)
+    assert main(["finetune", "--out", str(out), "--resume", "--quiet", "train.log_every=3"]) == 0
+    assert "note: resuming with changed settings: train.log_every 10 -> 3" in capsys.readouterr().out
     # the same command without --resume does not wipe the finished run
     before = (out / "last.pt").read_bytes()
     assert main(["finetune", "--preset", "tiny-classifier", "--data", "synthetic", "--out", str(out),

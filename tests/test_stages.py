@@ -187,6 +187,11 @@ def test_fewshot_runs_folds_and_reports_mean_and_std(pretrain_run, tmp_path, cap
     a, b = (load_checkpoint(out / f"fold_{k}" / "last.pt") for k in (0, 1))
     assert len(a["class_names"]) == 2 and a["class_names"] != b["class_names"]
     assert config_of(a).head.num_classes == 10
+    # a bare --resume takes the run's config from its fold folders (not the full-size preset): finished folds stay
+    capsys.readouterr()
+    assert main(["fewshot", "--init", str(pretrain_run / "last.pt"), "--resume", "--folds", "0-1",
+                 "--out", str(out), *QUIET]) == 0
+    assert json.loads((out / "fewshot.json").read_text())["folds"] == report["folds"]
 
 
 def test_partseg_accepts_the_pretrain_checkpoint(pretrain_run, data, tmp_path):

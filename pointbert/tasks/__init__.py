@@ -60,10 +60,14 @@ def apply_data_arg(cfg: Config, data: str | None) -> Config:
 
 
 def _resume_config(args: Any, stage: str) -> Config | None:
-    """With ``--resume`` and a ``last.pt`` in the run folder: the config stored in it."""
+    """With ``--resume`` and a ``last.pt`` in the run folder (or, for few-shot, in its first fold folder):
+    the config stored in it."""
     if not getattr(args, "resume", False):
         return None
-    last = out_dir(args, stage) / "last.pt"
+    out = out_dir(args, stage)
+    last = out / "last.pt"
+    if not last.is_file():
+        last = next(iter(sorted(out.glob("fold_*/last.pt"))), last)
     if not last.is_file():
         return None  # fit() reports the missing checkpoint
     from ..checkpoint import config_of, load_checkpoint
@@ -102,7 +106,22 @@ def config_from_args(args: Any, kind: str, default_preset: str, stage: str | Non
             flags.append(f"{key}={value}")
     cfg = apply_overrides(cfg, flags, where="flag")
     cfg = apply_overrides(cfg, list(getattr(args, "overrides", None) or []))
+    if base is not None:
+        changed = _changes(base.to_dict(), cfg.to_dict())
+        if changed:
+            print(f"note: resuming with changed settings: {'; '.join(changed)}", flush=True)
     return validate(cfg)
+
+
+def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``section.field old -> new`` for every value that differs between two config dicts."""
+    out = []
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(old.get(k), dict):
+            out += _changes(old[k], v, f"{prefix}{k}.")
+        elif old.get(k) != v:
+            out.append(f"{prefix}{k} {old.get(k)} -> {v}")
+    return out
 
 
 def check_init(init: str | Path | None, scratch: bool, resume: bool, what: str) -> None:
