@@ -295,6 +295,8 @@ def predict_command(args: argparse.Namespace) -> int:
     """``pointbert predict CKPT INPUT --out logits.npy [--vote V] [--top K] ...``."""
     if args.vote < 0:
         raise PointBERTError(f"--vote must be >= 0, got {args.vote}")
+    if args.top < 1:
+        raise PointBERTError(f"--top must be positive, got {args.top}")
     model, ckpt, points, names, num_points = _setup(args, "predict", pool=args.vote > 0)
     logits = predict(model, points, batch_size=args.batch_size, vote=args.vote, num_points=num_points,
                      seed=getattr(args, "seed", 0))
@@ -302,7 +304,7 @@ def predict_command(args: argparse.Namespace) -> int:
     if len(classes) != logits.shape[1]:
         classes = [str(i) for i in range(logits.shape[1])]
     probs = torch.from_numpy(logits).softmax(dim=1)
-    top = probs.topk(min(max(args.top, 1), probs.shape[1]), dim=1)
+    top = probs.topk(min(args.top, probs.shape[1]), dim=1)
     width = max(map(len, names))
     for name, p, idx in zip(names, top.values.tolist(), top.indices.tolist()):
         print(f"{name:<{width}}  " + "  ".join(f"{classes[i]} ({q:.3f})" for i, q in zip(idx, p)))

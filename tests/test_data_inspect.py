@@ -141,6 +141,8 @@ def test_through_the_cli(good, bad, tmp_path, capsys):
     assert "not a ScanObjectNN folder" in capsys.readouterr().err
     assert main(["data", "inspect", str(good), "--dataset", "file"]) == 2
     assert main(["data", "inspect", str(good), "--dataset", "nonsense"]) == 2
+    assert main(["data", "inspect", str(bad), "--max-files", "0"]) == 2
+    assert "--max-files must be positive" in capsys.readouterr().err
     (tmp_path / "nothing").mkdir()
     (tmp_path / "nothing" / "readme.md").write_text("hi")
     assert main(["data", "inspect", str(tmp_path / "nothing")]) == 2

@@ -269,7 +269,7 @@ def test_bad_inputs_exit_2(ckpts, tmp_path, capsys):
     for flags, phrase in ((["--num-points", "8"], "needs at least 16"), (["--batch-size", "0"], "positive"),
                           (["--vote", "-1"], "--vote"), (["--device", "cuda:7"], "not available"),
                           (["--device", "meta"], "not a device that computes"),
-                          (["--device", "cpu:3"], "not a device that computes")):
+                          (["--device", "cpu:3"], "not a device that computes"), (["--top", "0"], "--top")):
         if flags[0] == "--device" and torch.cuda.is_available():
             continue
         code, _, err = run(capsys, "predict", ckpts["classifier"], good, "--out", tmp_path / "o.npy", *flags)

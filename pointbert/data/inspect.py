@@ -447,13 +447,15 @@ def detect_format(path: Path) -> str:
         return "files"
     raise DataError(f"{path}: cannot tell the format: no class subfolders, no point-cloud files "
                     f"({' '.join(SUPPORTED_EXTENSIONS)}) and no official dataset files; "
-                    "force one with --dataset")
+                    "force one with --dataset (data inspect/prepare) or data.dataset=NAME (training)")
 
 
 def inspect_command(args) -> int:
     """Entry point of ``pointbert data inspect``: 0 when all is well, 1 when problems were found."""
     path = Path(args.path).expanduser()
     fmt = getattr(args, "dataset", "auto") or "auto"
+    if getattr(args, "max_files", None) is not None and args.max_files < 1:
+        raise DataError(f"--max-files must be positive, got {args.max_files}")
     if fmt not in FORMATS:
         raise DataError(f"--dataset {fmt!r}: choose one of {', '.join(FORMATS)}")
     detected = detect_format(path)
