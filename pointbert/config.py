@@ -615,7 +615,7 @@ def validate(cfg: Config) -> Config:
                     ("tokenizer.kl_steps", t.kl_steps), ("tokenizer.temp_start", t.temp_start),
                     ("tokenizer.temp_end", t.temp_end), ("optim.eps", o.eps)]:
         need(v > 0, f"{name} must be positive, got {v}")
-    for name, v in [("train.seed", tr.seed), ("data.num_workers", cfg.data.num_workers),
+    for name, v in [("train.seed", tr.seed), ("data.num_workers", cfg.data.num_workers), ("data.fold", cfg.data.fold),
                     ("optim.warmup_lr", o.warmup_lr), ("optim.min_lr", o.min_lr), ("tokenizer.kl_delay", t.kl_delay)]:
         need(v >= 0, f"{name} must be >= 0, got {v}")
     need(o.lr < float("inf"), f"optim.lr must be finite, got {o.lr}")
