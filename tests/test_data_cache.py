@@ -43,7 +43,6 @@ def copy_modelnet_subset(dst: Path, n_per_class: int = 3) -> Path:
     return dst
 
 
-@needs_fixture
 def test_prepare_refuses_an_out_inside_the_dataset_before_writing(tmp_path, capsys):
     data = tmp_path / "shapes"
     for c in ("a", "b"):
@@ -57,6 +56,7 @@ def test_prepare_refuses_an_out_inside_the_dataset_before_writing(tmp_path, caps
     assert main(["data", "prepare", str(data), "--out", str(data / ".mine")]) == 0  # hidden: not read as data
 
 
+@needs_fixture
 def test_prepare_command_on_genuine_fixture(tmp_path, capsys):
     out = tmp_path / "cache"
     rc = main(["data", "prepare", str(MN_FIXTURE), "--num-points", "64", "--out", str(out)])
