@@ -202,10 +202,8 @@ def official_state_dict(obj: Any, where: str = "checkpoint") -> tuple[dict[str, 
         raise CheckpointError(f"{where}: holds a {type(obj).__name__}, not a dict of weights")
     if obj.get("format") == FORMAT:
         raise CheckpointError(f"{where}: is already a pointbert checkpoint; nothing to import")
-    layout = next((k for k in STATE_KEYS if isinstance(obj.get(k), dict)), None)
-    state = obj[layout] if layout else obj
-    layout = layout or "bare"
-    if not state or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+    state, layout = _pick_state(obj)
+    if not looks_official(obj):
         found = ", ".join(map(repr, list(obj)[:8]))
         raise CheckpointError(f"{where}: no state dict found: expected {', '.join(map(repr, STATE_KEYS))} "
                               f"or a dict of tensors; found keys {found}")
@@ -213,9 +211,15 @@ def official_state_dict(obj: Any, where: str = "checkpoint") -> tuple[dict[str, 
     return {k.removeprefix("module."): v for k, v in state.items()}, layout, stripped
 
 
+def _pick_state(obj: dict) -> tuple[dict, str]:
+    """(the dict under the first of :data:`STATE_KEYS` that holds one, its key), or (``obj``, "bare")."""
+    layout = next((k for k in STATE_KEYS if isinstance(obj.get(k), dict)), None)
+    return (obj[layout], layout) if layout else (obj, "bare")
+
+
 def looks_official(obj: dict) -> bool:
     """Weights as an official file holds them: under one of :data:`STATE_KEYS`, or a bare dict of tensors."""
-    state = next((obj[k] for k in STATE_KEYS if isinstance(obj.get(k), dict)), obj)
+    state, _ = _pick_state(obj)
     return bool(state) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())
 
 
