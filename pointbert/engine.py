@@ -42,6 +42,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import inspect
 import json
 import math
 import os
@@ -88,6 +89,7 @@ class Task:
     mode: str = "max"  # "max" or "min"
     also_best: dict[str, str] = {}  # other metrics (same mode) with a best file: {"vote_acc": "best_vote.pt"}
     find_unused_parameters: bool = False  # DDP: some parameters get no gradient in some steps
+    broadcast_buffers: bool = True  # DDP: copy rank 0's buffers to every rank before each forward
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -439,6 +441,7 @@ def _rng_state(ctx: Context) -> dict[str, Any]:
     np_key, np_keys, np_pos, np_gauss, np_cached = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     state = {
+        "device": ctx.device.type,  # the generator's state is only valid on its own kind of device
         "torch": torch.get_rng_state(),
         "generator": ctx.generator.get_state(),
         "numpy": {"key": np_key, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
@@ -635,7 +638,8 @@ def fit(task: Task, out: str | Path, *, device: str | torch.device | None = None
     if ctx.world_size > 1:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=ids, find_unused_parameters=task.find_unused_parameters)
+            model, device_ids=ids, find_unused_parameters=task.find_unused_parameters,
+            **({} if task.broadcast_buffers else _no_forward_buffer_sync()))
 
     precision = "fp32" if ctx.amp_dtype is None else str(ctx.amp_dtype).removeprefix("torch.")
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -787,6 +791,12 @@ def _log_row(sums: dict[str, Tensor], n: int, lr: float, state: _State, ctx: Con
     return row
 
 
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP's switch for no buffer broadcast before each forward (renamed in recent torch; synced at init)."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 def _evaluate(task: Task, model: nn.Module, ctx: Context) -> dict[str, float]:
     """Evaluation on rank 0 (unwrapped model, eval mode, no grad); other ranks wait for the broadcast."""
     metrics: dict[str, float] = {}
@@ -905,11 +915,15 @@ def _restore(path: Path, task: Task, model: nn.Module, optimizer: torch.optim.Op
         scaler.load_state_dict(ckpt["scaler"])
     task.load_state_dict(ckpt.get("task", {}))
     rng = ckpt.get("rng") or []
-    if len(rng) == ctx.world_size:
+    # the device's generator state differs in kind (CPU Mersenne twister, CUDA Philox): compare the sizes,
+    # which also covers checkpoints written before the device was recorded
+    written_on = {r.get("device", "cuda" if "cuda" in r else "cpu") for r in rng}
+    same_device = all(r["generator"].numel() == ctx.generator.get_state().numel() for r in rng)
+    if len(rng) == ctx.world_size and same_device:
         _set_rng_state(rng[ctx.rank], ctx)
     else:
-        ctx.log(f"{path}: written by {len(rng)} process(es), resumed by {ctx.world_size}: "
-                "the random streams restart (data order is unaffected)")
+        ctx.log(f"{path}: written by {len(rng)} process(es) on {'/'.join(sorted(written_on)) or '?'}, resumed "
+                f"by {ctx.world_size} on {ctx.device.type}: the random streams restart (data order is unaffected)")
         _seed_all(derive_seed(ctx.cfg.train.seed, ctx.rank, ckpt["step"]), ctx)
     return _State(epoch=int(ckpt["epoch"]), step=int(ckpt["step"]),
                   batch_in_epoch=int(ckpt["batch_in_epoch"]), metrics=dict(ckpt.get("metrics", {})),

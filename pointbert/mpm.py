@@ -99,9 +99,11 @@ def mix_contrastive_loss(mix_q: Tensor, keys: Tensor, queue: Tensor, r: Tensor, 
 
     mix_q (B, P) normalised queries of the mixed clouds, keys (B, P) normalised keys of the original
     clouds, queue (P, K), r (B,) own-patch ratios. Logits [mix_q k^T ; mix_q queue] / T, soft target
-    r_b on key b and 1 - r_b on key B-1-b; mean over the batch.
+    r_b on key b and 1 - r_b on key B-1-b; mean over the batch. Always in float32, outside autocast.
     """
-    logits = torch.cat([mix_q @ keys.T, mix_q @ queue], dim=1) / temperature  # (B, B + K)
+    with torch.autocast(mix_q.device.type, enabled=False):
+        mix_q, keys, queue = mix_q.float(), keys.float(), queue.float()
+        logits = torch.cat([mix_q @ keys.T, mix_q @ queue], dim=1) / temperature  # (B, B + K)
     own = torch.arange(len(keys), device=keys.device)
     ce_own = F.cross_entropy(logits, own, reduction="none")
     ce_partner = F.cross_entropy(logits, own.flip(0), reduction="none")
@@ -109,8 +111,10 @@ def mix_contrastive_loss(mix_q: Tensor, keys: Tensor, queue: Tensor, r: Tensor, 
 
 
 def moco_contrastive_loss(q: Tensor, keys: Tensor, queue: Tensor, temperature: float) -> Tensor:
-    """Plain MoCo InfoNCE: positive q_b . k_b against the queue (off in the released config)."""
-    logits = torch.cat([(q * keys).sum(1, keepdim=True), q @ queue], dim=1) / temperature
+    """Plain MoCo InfoNCE: positive q_b . k_b against the queue (off in the released config), in float32."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, keys, queue = q.float(), keys.float(), queue.float()
+        logits = torch.cat([(q * keys).sum(1, keepdim=True), q @ queue], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
@@ -235,10 +239,9 @@ class PointBERT(nn.Module):
     def _enqueue(self, keys: Tensor) -> None:
         keys = _gather_all(keys)
         K, n = self.queue.shape[1], keys.shape[0]
-        ptr = int(self.queue_ptr)
-        cols = (ptr + torch.arange(n, device=keys.device)) % K
+        cols = (self.queue_ptr + torch.arange(n, device=keys.device)) % K  # on the device: no host sync
         self.queue[:, cols] = keys.T.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + n) % K
+        self.queue_ptr.add_(n).remainder_(K)
 
     @torch.no_grad()
     def targets(self, neighborhoods: Tensor, centers: Tensor) -> Tensor:

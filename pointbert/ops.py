@@ -136,12 +136,17 @@ def square_distance(src: Tensor, dst: Tensor) -> Tensor:
         dst: (B, N, C) float, same dtype.
 
     Returns:
-        (B, S, N) in the input dtype: ``-2 src.dst^T + |src|^2 + |dst|^2``, evaluated in exactly that
-        order. Rounding can make it slightly negative for coincident points.
+        (B, S, N) float32 (float64 for float64 inputs): ``-2 src.dst^T + |src|^2 + |dst|^2``, evaluated in
+        exactly that order. Rounding can make it slightly negative for coincident points. Always computed
+        outside autocast and at least in float32: in bf16 the expansion loses the small distances that
+        rank neighbours (and in fp16 the 1e-8 of :func:`interpolate_3nn` underflows).
     """
-    d = -2 * torch.matmul(src, dst.transpose(1, 2))
-    d += (src**2).sum(-1)[:, :, None]
-    d += (dst**2).sum(-1)[:, None, :]
+    with torch.autocast(src.device.type, enabled=False):
+        if src.dtype != torch.float64:
+            src, dst = src.float(), dst.float()
+        d = -2 * torch.matmul(src, dst.transpose(1, 2))
+        d += (src**2).sum(-1)[:, :, None]
+        d += (dst**2).sum(-1)[:, None, :]
     return d
 
 
@@ -230,7 +235,7 @@ def interpolate_3nn(query: Tensor, points: Tensor, feats: Tensor) -> Tensor:
         return feats.repeat(1, s, 1)
     d2, idx = square_distance(query, points).topk(min(3, n), dim=-1, largest=False, sorted=True)  # (B,S,k)
     w = 1.0 / (d2.clamp(min=0) + 1e-8)
-    w = w / w.sum(dim=-1, keepdim=True)
+    w = (w / w.sum(dim=-1, keepdim=True)).to(feats.dtype)
     return (gather(feats, idx) * w[..., None]).sum(dim=2)  # (B, S, k, C) -> (B, S, C)
 
 

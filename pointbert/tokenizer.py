@@ -354,7 +354,11 @@ def gumbel_softmax(logits: Tensor, tau: float = 1.0, hard: bool = False, noise: 
     (``torch.rand``, about 4x faster than ``exponential_`` on CPU), U = 0 raised to eps/4 (for float32
     the middle of the lowest 2^-24 bin) so that every sample is finite; other random numbers than torch's.
     ``hard``: straight-through one-hot of the arg-max, as ``F.gumbel_softmax``.
+    Reduced-precision logits (bf16 / fp16 under autocast) are taken to float32 first: noise, softmax and
+    output in float32, as the sampled distribution needs.
     """
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
     if noise == "exponential":
         z = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_().log_()
     elif noise == "uniform":

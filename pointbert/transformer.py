@@ -44,8 +44,11 @@ class DropPath(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.active and self.training):
             return x
-        u = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
-        return x * (u + self.keep).floor_().div_(self.keep)
+        # drawn and floored in float32 at least: in bf16, keep + U rounds and the drop rate drifts from p
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        keep = self.keep.to(dtype)
+        u = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=dtype, device=x.device)
+        return x * (u + keep).floor_().div_(keep).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from pointbert.checkpoint import load_checkpoint, load_model
+from pointbert.checkpoint import load_checkpoint, load_model, save_checkpoint
 from pointbert.config import OptimConfig, preset
 from pointbert.data.folder import FolderDataset
 from pointbert.data.synthetic import SyntheticShapes
@@ -121,6 +121,44 @@ def test_two_gloo_processes_match_one_process(tmp_path, single, grad_accum):
              "max": float(diffs.max())}
     assert stats["median"] < 1e-7 and stats["over_1e-4"] < 0.01 and stats["max"] < 8 * 2e-3, stats
     assert abs(r0["acc"] - result_1["acc"]) <= 100 / 15 + 1e-9  # at most one of 15 test clouds flips
+
+
+def _pretrain_worker(rank: int, world: int, port: int, out: str, tokenizer: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from pointbert.tasks.pretrain import PretrainTask
+
+    cfg = preset("tiny-pretrain")
+    cfg.train.epochs, cfg.train.log_every = 1, 1
+    try:
+        fit(PretrainTask(cfg, tokenizer), out, device="cpu", quiet=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_gloo_processes_pretrain_with_every_parameter_in_use(tmp_path):
+    """Pre-training under DDP without find_unused_parameters (every trainable parameter gets a gradient with
+    the released losses; DDP would fail the second step otherwise) and without broadcasting buffers."""
+    from pointbert.mpm import PointBERT
+    from pointbert.tasks.pretrain import PretrainTask
+
+    cfg = preset("tiny-pretrain")
+    save_checkpoint(tmp_path / "tok.pt", cfg, PointBERT(cfg))  # a pre-training file carries a tokenizer
+    task = PretrainTask(cfg, tmp_path / "tok.pt")
+    assert not task.find_unused_parameters and not task.broadcast_buffers
+    task.cfg.mpm.mix_loss = False  # no contrastive loss: the projection head gets no gradient
+    assert task.find_unused_parameters
+
+    out = tmp_path / "ddp"
+    mp.start_processes(_pretrain_worker, args=(2, _free_port(), str(out), str(tmp_path / "tok.pt")), nprocs=2,
+                       join=True, start_method="spawn")
+    rows = _train_rows(out)
+    assert len(rows) >= 2 and all(np.isfinite(r["loss"]) for r in rows)
+    assert load_checkpoint(out / "last.pt")["world_size"] == 2
 
 
 def _write_folder_dataset(root: Path) -> None:

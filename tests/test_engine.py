@@ -390,6 +390,25 @@ def test_noisy_toy_task_resumes_exactly(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_on_another_kind_of_device_restarts_the_random_streams(tmp_path, capsys):
+    """A CUDA generator's state (16 bytes of Philox) cannot be set on a CPU generator, nor the reverse."""
+    cfg = toy_cfg(epochs=2, checkpoint_every=3)
+
+    class Kill(ToyTask):
+        def on_step(self, step, epoch, ctx):
+            if step == 6:
+                raise Killed
+
+    with pytest.raises(Killed):
+        fit(Kill(cfg, noisy=True), tmp_path / "b", device="cpu", quiet=True)
+    ckpt = load_checkpoint(tmp_path / "b" / "last.pt")
+    ckpt["rng"][0].update(device="cuda", generator=torch.zeros(16, dtype=torch.uint8))  # as written on a GPU
+    torch.save(ckpt, tmp_path / "b" / "last.pt")
+    result = fit(ToyTask(cfg, noisy=True), tmp_path / "b", device="cpu", resume=True)
+    assert math.isfinite(result["val_loss"])
+    assert "on cuda, resumed by 1 on cpu: the random streams restart" in capsys.readouterr().out
+
+
 def test_compiled_training_matches_eager_and_saves_plain_checkpoints(tmp_path, uninterrupted, monkeypatch):
     """train.compile: the blocks are compiled (here with dynamo's eager backend, no C++ toolchain needed),
     training gives the eager run's numbers, and checkpoints keep the plain parameter names."""

@@ -98,6 +98,10 @@ def test_mix_contrastive_loss_matches_its_formula():
                                                                 for j in range(K))) - float(q[b] @ k[b]) / T
               for b in range(B)) / B
     assert math.isclose(lm, ref, rel_tol=1e-5)
+    fp32 = mix_contrastive_loss(q, k, queue, r, T), moco_contrastive_loss(q, k, queue, T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 logits / 0.07 would be off by ~1%: kept in fp32
+        assert torch.equal(mix_contrastive_loss(q, k, queue, r, T), fp32[0])
+        assert torch.equal(moco_contrastive_loss(q, k, queue, T), fp32[1])
 
 
 def test_masked_point_model_init_and_parameter_count():

@@ -187,6 +187,20 @@ def test_square_distance_values_and_formula():
     assert square_distance(src.double(), dst.double()).dtype == torch.float64
 
 
+def test_square_distance_and_neighbours_stay_float32_under_autocast():
+    # bf16 autocast would run the matmul in bf16 and lose the small distances that rank neighbours
+    src, dst = rand_cloud(40, 2, 16, 3) + 5.0, rand_cloud(41, 2, 64, 3) + 5.0
+    feats = rand_cloud(42, 2, 64, 8)
+    want = square_distance(src, dst), knn(src, dst, 8), interpolate_3nn(src, dst, feats)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = square_distance(src, dst), knn(src, dst, 8), interpolate_3nn(src, dst, feats)
+    assert got[0].dtype == torch.float32 and torch.equal(got[0], want[0])
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    d16 = square_distance(src.half(), dst.half())  # half inputs: distances in float32, no fp16 underflow
+    assert d16.dtype == torch.float32
+    assert interpolate_3nn(src.half(), dst.half(), feats.half()).dtype == torch.float16
+
+
 def test_knn_matches_brute_force():
     q, p = rand_cloud(12, 3, 10, 3), rand_cloud(13, 3, 50, 3)
     idx = knn(q, p, 8)

@@ -414,6 +414,15 @@ def test_gumbel_softmax_is_torch_s_bit_for_bit(tau, hard):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+def test_gumbel_softmax_of_bf16_logits_samples_in_float32():
+    logits = torch.randn(2, 5, 300)
+    torch.manual_seed(7)
+    want = gumbel_softmax(logits.bfloat16().float(), 0.5)
+    torch.manual_seed(7)
+    got = gumbel_softmax(logits.bfloat16(), 0.5)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 def test_uniform_gumbel_noise_has_the_gumbel_distribution():
     """noise="uniform": arg-max frequencies of logits + noise are softmax(logits) (the Gumbel-max
     property), and the relaxed sample's mean over many draws is E[softmax(logits + G)] as with torch's."""

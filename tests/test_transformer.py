@@ -179,6 +179,17 @@ def test_drop_path_draws_the_official_mask():
     torch.testing.assert_close(y, ref)
 
 
+def test_drop_path_in_bf16_draws_the_float32_mask():
+    """A bf16 input gets the mask drawn and floored in float32 (in bf16, keep + U rounds up to 1 too often),
+    cast to bf16 at the end; the output stays bf16."""
+    x = torch.randn(4096, 1, 8).bfloat16()
+    torch.manual_seed(3)
+    y = DropPath(0.3).train()(x)
+    torch.manual_seed(3)
+    mask = (0.7 + torch.rand(4096, 1, 1)).floor_().div_(0.7)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, x * mask.bfloat16())
+
+
 def test_blocks_with_different_drop_path_rates_share_one_compiled_graph():
     """The rates are tensors to torch.compile: no recompilation per block (which hit dynamo's limit of 8)."""
     graphs = []

@@ -48,7 +48,16 @@ class PretrainTask(Task):
     """
 
     monitor, mode = "svm_acc", "max"
-    find_unused_parameters = True  # the key encoder and the tokenizer get no gradients (spec 5.5 step 9)
+    # the queue is the same on every rank (keys are all-gathered before enqueueing) and only rank 0's buffers
+    # are evaluated and saved: DDP need not send the 16 MiB queue and the BatchNorm buffers every step
+    broadcast_buffers = False
+
+    @property
+    def find_unused_parameters(self) -> bool:
+        """DDP: the frozen key encoder and tokenizer are not tracked; the token head (lm_head) gets no
+        gradient without the MPM loss, the projection head (cls_head) none without a contrastive loss."""
+        m = self.cfg.mpm
+        return not (m.mpm_loss and (m.mix_loss or m.moco_loss))
     STRUCTURE = {"tokenizer": ("vocab_size", "token_dim", "decoder_dim", "dgcnn_k", "dgcnn_dims",
                                "decoder_hidden", "fold_hidden"),
                  "patches": ("embed_dim", "patch_size", "hidden_dims")}  # fields the tokenizer's weights fix
