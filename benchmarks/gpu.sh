@@ -1,19 +1,48 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks in one go, for a session with a card: pointbert against the plain twin in fp32
-# eager at batch 32 (with the ops alone), then at a large batch in fp32 and in bf16, the bf16 fast
-# paths with torch.compile, and bf16 at batch 32 with CUDA graphs (compile mode reduce-overhead).
-# Figures as JSON in $OUT (default benchmarks/results), named after the card.
-#   bash benchmarks/gpu.sh [large batch, default 128]
+# Issue 6's GPU checks, in parts small enough for one device command each (run one part per command;
+# each should take about 1-4 minutes on an H100/H200, start-up and torch.compile included):
+#   bash benchmarks/gpu.sh PART [large batch, default 128]
+# PART:
+#   fp32-b32    pointbert against the plain twin, fp32 eager, batch 32, with the ops alone
+#   fp32-big    the four steps at the large batch, fp32
+#   bf16-big    the four steps at the large batch, bf16 autocast
+#   fastpaths   bf16 fast paths on and off and torch.compile, fine-tuning and inference, large batch
+#   cudagraphs  bf16 fine-tuning and inference at batch 32 with torch.compile mode reduce-overhead (CUDA graphs)
+#   all         (default) every part in turn: more than one 10-minute command may allow
+# 3 warm-up steps and 5 timed ones per case. Figures as JSON in $OUT (default benchmarks/results), named after
+# the card and the part; run.py rewrites the file after each case, so a part cut short by a time limit still
+# leaves what it measured. Python: $PYTHON, else python3, else python.
 set -euo pipefail
+parts=(fp32-b32 fp32-big bf16-big fastpaths cudagraphs)
+part=${1:-all}
+big=${2:-128}
+if [[ $part != all && " ${parts[*]} " != *" $part "* ]]; then
+    echo "usage: bash benchmarks/gpu.sh [PART: ${parts[*]} or all (default)] [large batch, default 128]" >&2
+    exit 2
+fi
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 out=${OUT:-benchmarks/results}
-big=${1:-128}
 mkdir -p "$out"
-card=$(python -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ', '').replace(' ', '-'))")
-run() { echo "== $*"; python benchmarks/run.py --device cuda "$@"; }
-run --sections ops,steps --batch 32 --repeats 5 --out "$out/gpu-$card-fp32-b32.json"
-run --sections steps --batch "$big" --repeats 5 --out "$out/gpu-$card-fp32-b$big.json"
-run --sections steps --batch "$big" --repeats 5 --precision bf16 --out "$out/gpu-$card-bf16-b$big.json"
-run --sections fastpaths --steps finetune,inference --batch "$big" --repeats 5 --precision bf16 --compile \
-    --out "$out/gpu-$card-bf16-b$big-fastpaths.json"
-run --sections steps --steps finetune,inference --batch 32 --repeats 5 --precision bf16 --compile \
-    --compile-mode reduce-overhead --out "$out/gpu-$card-bf16-b32-cudagraphs.json"
+card=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ', '').replace(' ', '-'))")
+run() {  # NAME ARGS...: one run.py call, its JSON in $out/gpu-$card-NAME.json
+    local name=$1
+    shift
+    echo "== $name: $*"
+    "$PY" benchmarks/run.py --device cuda --warmup 3 --repeats 5 "$@" --out "$out/gpu-$card-$name.json"
+}
+run_part() {
+    case $1 in
+        fp32-b32) run fp32-b32 --sections ops,steps --batch 32 ;;
+        fp32-big) run "fp32-b$big" --sections steps --batch "$big" ;;
+        bf16-big) run "bf16-b$big" --sections steps --batch "$big" --precision bf16 ;;
+        fastpaths) run "bf16-b$big-fastpaths" --sections fastpaths --steps finetune,inference --batch "$big" \
+            --precision bf16 --compile ;;
+        cudagraphs) run bf16-b32-cudagraphs --sections steps --steps finetune,inference --batch 32 --precision bf16 \
+            --compile --compile-mode reduce-overhead ;;
+    esac
+}
+if [[ $part == all ]]; then
+    for p in "${parts[@]}"; do run_part "$p"; done
+else
+    run_part "$part"
+fi

@@ -7,12 +7,14 @@
 
 Sections (benchmarks/README.md explains every number):
 
-1. the machine, library versions and threads; a plain matmul (2048^3) as the throughput reference;
+1. the machine, library versions and threads; a plain matmul as the throughput reference (2048^3 on CPU;
+   on CUDA 8192^3, ten per timed call, in the run's precision);
 2. ``ops``: FPS, kNN and Chamfer alone, pointbert.ops vs the plain stand-ins;
 3. ``steps``: tokenizer (dVAE) step, pre-training step, fine-tuning step and classification inference
    for the full-size presets: samples/s (median, min, max over repeats run alternately for both
    implementations), model GFLOP/s and its share of the matmul (and of a GPU's stated peak), peak memory,
-   the share of grouping (FPS + kNN) in the step, and ours / plain;
+   the share of grouping (FPS + kNN) in the step (for fine-tuning also of the input FPS the training loop
+   runs before the model), and ours / plain;
 4. ``isolated``: the same steps with each implementation in processes of its own, as each is used (pointbert
    as a training loop of one's own, which applies its memory policy itself, the plain twin with glibc's default);
 5. ``fastpaths``: the tokenizer and fine-tuning steps and inference with each of pointbert's fast paths
@@ -22,15 +24,14 @@ Sections (benchmarks/README.md explains every number):
 
 ``--quick`` (under 2 minutes on 2 cores): batch 8 unless ``--batch`` is given, 1 warm-up and 2 repeats,
 no isolated section, no 4k/8k cases, no tokenizer fast-path variants, step memory only for fine-tuning and
-inference. The whole
-output also goes to ``--out`` as JSON.
+inference. The whole output also goes to ``--out`` as JSON, rewritten after each case (so a run cut short
+leaves what it measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import ctypes
 import gc
 import json
@@ -41,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"finetune": 1.4, "inference": 1.3, "tokenizer": 2.0, "pretrain": 1.5}  # ours / plain, issue 6
 MATMUL_SHARE_TARGET = 0.75  # fine-tuning step model GFLOP/s / matmul GFLOP/s
 #: stated dense peak TFLOP/s (fp32 without tensor cores, bf16 tensor cores, no sparsity) of the cards
-#: the benchmark has met, from NVIDIA's data sheets, by a substring of torch.cuda.get_device_name;
-#: others: --peak-tflops
-PEAK_TFLOPS = {"H100 PCIe": {"fp32": 51.2, "bf16": 756.0}, "H100": {"fp32": 66.9, "bf16": 989.4},
+#: the benchmark has met, from NVIDIA's data sheets, by a substring of torch.cuda.get_device_name, the
+#: longest matching one first ("H200 NVL" before "H200"; see stated_peak); others: --peak-tflops
+PEAK_TFLOPS = {"H100 PCIe": {"fp32": 51.2, "bf16": 756.0}, "H100 NVL": {"fp32": 60.0, "bf16": 835.5},
+               "H100": {"fp32": 66.9, "bf16": 989.4}, "H200 NVL": {"fp32": 60.0, "bf16": 835.5},
                "H200": {"fp32": 66.9, "bf16": 989.4}, "A100": {"fp32": 19.5, "bf16": 312.0}}
+#: points of a stored ModelNet cloud (the official caches), the input of the fine-tuning step's sampling
+STORED_POINTS = 8192
 CASE_PRESET = {"tokenizer": "tokenizer", "pretrain": "pretrain", "finetune": "modelnet40-1k",
                "inference": "modelnet40-1k"}
 
@@ -114,6 +118,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import flops, plain  # noqa: E402
 from pointbert import memory, ops  # noqa: E402
 from pointbert.config import COMPILE_MODES, Config, preset  # noqa: E402
+from pointbert.data.transforms import fps_subsample  # noqa: E402
 from pointbert.engine import build_optimizer  # noqa: E402
 from pointbert.heads import Classifier  # noqa: E402
 from pointbert.mpm import PointBERT  # noqa: E402
@@ -221,12 +226,16 @@ def page_fault_us(mib: int = 128) -> float:
     return statistics.median(times)
 
 
-def matmul_gflops(dev: torch.device, dtype: torch.dtype, repeats: int, n: int = 2048) -> float:
-    """Median GFLOP/s of an n x n x n matrix product."""
+def matmul_gflops(dev: torch.device, dtype: torch.dtype, repeats: int, n: int = 2048, products: int = 1) -> float:
+    """Median GFLOP/s of an n x n x n matrix product, ``products`` of them per timed call (one sync each call)."""
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=g).to(dev, dtype) for _ in range(2))
-    t = interleaved({"mm": lambda: a @ b}, repeats + 1, synchronizer(dev))["mm"][1:]
-    return 2 * n**3 / statistics.median(t) / 1e9
+
+    def run() -> None:
+        for _ in range(products):
+            a @ b
+    t = interleaved({"mm": run}, repeats + 1, synchronizer(dev))["mm"][1:]
+    return products * 2 * n**3 / statistics.median(t) / 1e9
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,10 +352,14 @@ def step_row(case: str, cfg: Config, times: list[float], batch: int, matmul: flo
 
 def peak_tflops(info: dict[str, Any], args: argparse.Namespace) -> float | None:
     """--peak-tflops, else the stated peak of a known card at --precision, else None (CPUs)."""
-    if args.peak_tflops:
-        return args.peak_tflops
-    name = info.get("gpu", "")
-    return next((p[args.precision] for k, p in PEAK_TFLOPS.items() if k in name), None)
+    return args.peak_tflops or stated_peak(info.get("gpu", ""), args.precision)
+
+
+def stated_peak(device_name: str, precision: str) -> float | None:
+    """The PEAK_TFLOPS entry at ``precision`` of the longest key found in ``device_name`` (so "H100 PCIe"
+    and "H200 NVL" win over "H100" and "H200"), else None."""
+    keys = [k for k in PEAK_TFLOPS if k in device_name]
+    return PEAK_TFLOPS[max(keys, key=len)][precision] if keys else None
 
 
 def grouping_seconds(cfg: Config, batch: int, dev: torch.device, repeats: int) -> float:
@@ -357,8 +370,34 @@ def grouping_seconds(cfg: Config, batch: int, dev: torch.device, repeats: int) -
     return statistics.median(interleaved({"group": run}, repeats, synchronizer(dev))["group"])
 
 
-def run_steps(args: argparse.Namespace, dev: torch.device, matmul: float) -> dict[str, Any]:
-    out = {}
+def input_fps_seconds(cfg: Config, batch: int, dev: torch.device, repeats: int) -> float:
+    """Median seconds of the fine-tuning step's input sampling of a batch, as the training loop runs it before
+    the model (tasks/finetune.py): ``fps_subsample`` of stored clouds of STORED_POINTS points, FPS of
+    ``data.point_pool`` of them, one random subset of ``data.num_points``. The steps' model step starts after it."""
+    g = torch.Generator().manual_seed(1)
+    stored = (torch.rand(batch, STORED_POINTS, 3, generator=g) * 2 - 1).to(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    run = lambda: fps_subsample(stored, cfg.data.num_points, cfg.data.point_pool, gen)
+    run()
+    return statistics.median(interleaved({"fps": run}, repeats, synchronizer(dev))["fps"])
+
+
+def grouping_shares(case: str, cfg: Config, batch: int, dev: torch.device, repeats: int,
+                    step_s: float) -> dict[str, float]:
+    """Seconds of the grouping (FPS + kNN) and its share of pointbert's step of ``step_s`` seconds; for the
+    fine-tuning step also of its input FPS, whose share, and that of both (``fps_knn_share``), are of the
+    training loop's step: the model step plus the input sampling."""
+    group_s = grouping_seconds(cfg, batch, dev, repeats)
+    out = {"grouping_seconds": group_s, "grouping_share": group_s / step_s}
+    if case == "finetune":
+        fps_s = input_fps_seconds(cfg, batch, dev, repeats)
+        out.update(input_fps_seconds=fps_s, input_fps_share=fps_s / (step_s + fps_s),
+                   fps_knn_share=(group_s + fps_s) / (step_s + fps_s))
+    return out
+
+
+def run_steps(args: argparse.Namespace, dev: torch.device, matmul: float) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each case of the steps section, ours against plain in one process; yields (case, result) as each completes."""
     for case in args.steps.split(","):
         cfg = preset(CASE_PRESET[case])
         t0 = time.perf_counter()
@@ -367,7 +406,7 @@ def run_steps(args: argparse.Namespace, dev: torch.device, matmul: float) -> dic
         times = interleaved(runs, args.repeats, synchronizer(dev))
         res = {impl: dict(step_row(case, cfg, times[impl], args.batch, matmul, args.peak_tflops),
                           step_mib=memory["step"].get(impl), footprint_mib=memory["footprint"][impl]) for impl in runs}
-        res["ours"]["grouping_share"] = grouping_seconds(cfg, args.batch, dev, args.repeats) / res["ours"]["seconds"]
+        res["ours"].update(grouping_shares(case, cfg, args.batch, dev, args.repeats, res["ours"]["seconds"]))
         if "plain" in res:
             res["ratio"] = res["ours"]["median"] / res["plain"]["median"]
             res["ratio_min_max"] = [min(tp / to for tp, to in zip(times["plain"], times["ours"])),
@@ -375,11 +414,10 @@ def run_steps(args: argparse.Namespace, dev: torch.device, matmul: float) -> dic
             if "compiled" in res:
                 res["ratio_compiled"] = res["compiled"]["median"] / res["plain"]["median"]
         res["wall_s"] = time.perf_counter() - t0
-        out[case] = res
         print_step(case, res)
         del models, runs
         gc.collect()
-    return out
+        yield case, res
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,10 +441,9 @@ def run_worker(args: argparse.Namespace, dev: torch.device) -> None:
     print(json.dumps({"times": times, "step_mib": step.mib, "footprint_mib": footprint.mib}))
 
 
-def run_isolated(args: argparse.Namespace, dev: torch.device, matmul: float) -> dict[str, Any]:
+def run_isolated(args: argparse.Namespace, dev: torch.device, matmul: float) -> Iterator[tuple[str, dict[str, Any]]]:
     """The steps of each case with ours and plain each in processes of their own (two rounds, ours,
-    plain, plain, ours, half the repeats each), so neither shapes the other's heap."""
-    out = {}
+    plain, plain, ours, half the repeats each), so neither shapes the other's heap. Yields (case, result)."""
     half = max(1, (args.repeats + 1) // 2)
     for case in args.steps.split(","):
         cfg = preset(CASE_PRESET[case])
@@ -426,16 +463,15 @@ def run_isolated(args: argparse.Namespace, dev: torch.device, matmul: float) -> 
             times[impl] += res["times"]
             rounds[impl].append(statistics.median(res["times"]))
             mem[impl] = res
-        out[case] = res = {impl: dict(step_row(case, cfg, times[impl], args.batch, matmul, args.peak_tflops),
-                                      step_mib=mem[impl]["step_mib"], footprint_mib=mem[impl]["footprint_mib"])
-                           for impl in times}
-        res["ours"]["grouping_share"] = grouping_seconds(cfg, args.batch, dev, args.repeats) / res["ours"]["seconds"]
+        res = {impl: dict(step_row(case, cfg, times[impl], args.batch, matmul, args.peak_tflops),
+                          step_mib=mem[impl]["step_mib"], footprint_mib=mem[impl]["footprint_mib"]) for impl in times}
+        res["ours"].update(grouping_shares(case, cfg, args.batch, dev, args.repeats, res["ours"]["seconds"]))
         res["ratio"] = res["ours"]["median"] / res["plain"]["median"]
         per_round = [tp / to for tp, to in zip(rounds["plain"], rounds["ours"])]  # medians of round 1, of round 2
         res["ratio_min_max"] = [min(per_round), max(per_round)]
         res["wall_s"] = time.perf_counter() - t0
         print_step(f"{case} (each in its own process)", res, spread="per round")
-    return out
+        yield case, res
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,7 +479,8 @@ def run_isolated(args: argparse.Namespace, dev: torch.device, matmul: float) -> 
 # --------------------------------------------------------------------------------------------------
 
 
-def run_ops(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
+def run_ops(args: argparse.Namespace, dev: torch.device, matmul: float) -> Iterator[tuple[str, dict[str, Any]]]:
+    """FPS, kNN and Chamfer alone, ours against the plain stand-ins; yields (op, result) as each completes."""
     g = torch.Generator().manual_seed(0)
     B = args.batch
     x1k = (torch.rand(B, 1024, 3, generator=g) * 2 - 1).to(dev)
@@ -474,11 +511,11 @@ def run_ops(args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
         if "plain" in res:
             res["ratio"] = res["ours"]["median"] / res["plain"]["median"]
         out[name] = res
+        yield name, res
     print_table("ops alone (samples/s: clouds, or patches for Chamfer)", ["op", "ours ms", "ours/s", "plain ms",
                                                                              "plain/s", "ours/plain"],
                 [[n, r["ours"]["seconds"] * 1e3, r["ours"]["median"], _get(r, "plain", "seconds", 1e3),
                   _get(r, "plain", "median"), r.get("ratio")] for n, r in out.items()])
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,8 +537,8 @@ def fast_path_flags(model: nn.Module, **flags: Any):
             delattr(m, k)  # back to the class default
 
 
-def run_fastpaths(args: argparse.Namespace, dev: torch.device, matmul: float) -> dict[str, Any]:
-    out = {}
+def run_fastpaths(args: argparse.Namespace, dev: torch.device, matmul: float) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each case with each fast path switched off (and torch.compile with --compile); yields (case, result)."""
     variants = {
         "tokenizer": {"split_edges off": dict(split_edges=False), "split_first off": dict(split_first=False),
                       "compose_local off": dict(compose_local=False), "split_global off": dict(split_global=False),
@@ -519,32 +556,29 @@ def run_fastpaths(args: argparse.Namespace, dev: torch.device, matmul: float) ->
         if case not in args.steps.split(",") or (args.quick and case == "tokenizer"):
             continue
         cfg = preset(CASE_PRESET[case])
-        models, runs, _ = build_pair(case, cfg, args.batch, args, dev, with_plain=False, step_memory=False)
-        model, default = models["ours"], runs["ours"]
+        t0 = time.perf_counter()
+        models, built, _ = build_pair(case, cfg, args.batch, args, dev, with_plain=False, step_memory=False)
+        if args.compile:  # build_pair built and warmed up the train.compile twin too (grouping stays eager)
+            print(f"  ours and torch.compile built and warmed up ({case}): {time.perf_counter() - t0:.0f} s")
+        model, default = models["ours"], built["ours"]
         runs = {"ours (defaults)": default}
         for name, flags in flag_sets.items():
             runs[name] = lambda flags=flags, model=model, default=default: _with_flags(model, flags, default)
         if case == "finetune":
             loop = build_optimizer(model, replace(cfg.optim, fused=False))
             runs["AdamW per-tensor loop"] = make_step(case, model, cfg, args.batch, dev, args.precision, loop)
-        if args.compile:  # the per-patch and per-token modules; grouping (FPS loop, kNN) stays eager
-            t0 = time.perf_counter()
-            compiled = copy.deepcopy(model)
-            compile_blocks(compiled, mode=args.compile_mode)  # what train.compile does
-            runs["torch.compile (option)"] = make_step(case, compiled, cfg, args.batch, dev, args.precision)
-            runs["torch.compile (option)"]()
-            print(f"  torch.compile warm-up ({case}): {time.perf_counter() - t0:.0f} s")
+        if "compiled" in built:
+            runs["torch.compile (option)"] = built["compiled"]
         interleaved({k: v for k, v in runs.items() if k != "ours (defaults)"}, 1, synchronizer(dev))  # warm-up
         times = interleaved(runs, args.repeats, synchronizer(dev))
         base = statistics.median(times["ours (defaults)"])
         res = {name: dict(rate_stats(t, args.batch), vs_defaults=base / statistics.median(t))
                for name, t in times.items()}
-        out[case] = res
         print_table(f"fast paths: {case} (batch {args.batch})", ["variant", "samples/s", "min", "max", "vs defaults"],
                     [[n, r["median"], r["min"], r["max"], r["vs_defaults"]] for n, r in res.items()])
-        del models, runs
+        del models, built, runs
         gc.collect()
-    return out
+        yield case, res
 
 
 def _with_flags(model: nn.Module, flags: dict[str, Any], run: Callable[[], None]) -> None:
@@ -557,14 +591,16 @@ def _with_flags(model: nn.Module, flags: dict[str, Any], run: Callable[[], None]
 # --------------------------------------------------------------------------------------------------
 
 
-def run_scaling(args: argparse.Namespace, dev: torch.device, matmul: float) -> dict[str, Any]:
+def run_scaling(args: argparse.Namespace, dev: torch.device, matmul: float) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Fine-tuning step and inference of ours (eager) at 1k-8k points; yields (preset case, result)."""
     out, rows = {}, []
+    eager = argparse.Namespace(**{**vars(args), "compile": False})  # no compiled twin to build for the table
     names = ["modelnet40-1k", "modelnet40-2k"] + ([] if args.quick else ["modelnet40-4k", "modelnet40-8k"])
     repeats = 1 if args.quick else max(2, args.repeats // 2)
     for name in names:
         cfg = preset(name)
         for case in ("finetune", "inference"):
-            _, runs, memory = build_pair(case, cfg, args.scaling_batch, args, dev, with_plain=False, step_memory=False)
+            _, runs, memory = build_pair(case, cfg, args.scaling_batch, eager, dev, with_plain=False, step_memory=False)
             res = step_row(case, cfg, interleaved(runs, repeats, synchronizer(dev))["ours"], args.scaling_batch,
                            matmul, args.peak_tflops)
             res["footprint_mib"] = memory["footprint"]["ours"]
@@ -576,10 +612,10 @@ def run_scaling(args: argparse.Namespace, dev: torch.device, matmul: float) -> d
                          res["seconds"] / first["seconds"], res["footprint_mib"]])
             del runs
             gc.collect()
+            yield f"{name} {case}", res
     print_table(f"scaling (pointbert, batch {args.scaling_batch})",
                 ["points / patches", "case", "samples/s", "GFLOP/s", "of matmul", "work x", "time x", "footprint MiB"],
                 rows)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -624,8 +660,11 @@ def print_step(case: str, res: dict[str, Any], spread: str = "per repeat") -> No
         if "ratio_compiled" in res:
             ratio += f", compiled/plain {res['ratio_compiled']:.2f}x"
     peak = ["of peak"] if "peak_share" in res["ours"] else []
-    print_table(f"{case} step: {res['ours']['model_gflop_per_cloud']:.2f} model GFLOP per cloud{ratio}; "
-                f"grouping (FPS + kNN) {res['ours']['grouping_share']:.1%} of ours",
+    ours = res["ours"]
+    fps = (f"; input FPS {ours['input_fps_share']:.1%}, FPS + kNN {ours['fps_knn_share']:.1%} of the step with it"
+           if "input_fps_share" in ours else "")
+    print_table(f"{case} step: {ours['model_gflop_per_cloud']:.2f} model GFLOP per cloud{ratio}; "
+                f"grouping (FPS + kNN) {ours['grouping_share']:.1%} of ours{fps}",
                 ["impl", "samples/s", "min", "max", "GFLOP/s", "of matmul", *peak, "step MiB", "footprint MiB"], rows)
 
 
@@ -653,6 +692,14 @@ def print_targets(results: dict[str, Any]) -> None:
         print_table("targets (issue 6; only a quiet machine's full run counts)", ["target", "measured", ""], rows)
 
 
+def save_json(path: Path | None, results: dict[str, Any]) -> None:
+    """Write ``results`` to ``path`` (if any) atomically: a temporary file in the same folder, then os.replace."""
+    if path is not None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, path)
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -673,9 +720,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     info = machine(dev)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    n = 512 if dtype == torch.bfloat16 and dev.type == "cpu" else 2048  # CPUs without bf16 units: ~1 GFLOP/s
-    matmul = matmul_gflops(dev, dtype, 3 if args.quick else 5, n)
-    info.update(matmul_gflops=matmul, matmul_dtype=str(dtype).removeprefix("torch."), matmul_n=n)
+    if dev.type == "cuda":  # large enough to fill the card, several per sync
+        n, products = 8192, 10
+    else:  # CPUs without bf16 units: ~1 GFLOP/s
+        n, products = 512 if dtype == torch.bfloat16 else 2048, 1
+    matmul = matmul_gflops(dev, dtype, 3 if args.quick else 5, n, products)
+    info.update(matmul_gflops=matmul, matmul_dtype=str(dtype).removeprefix("torch."), matmul_n=n,
+                matmul_products=products)
     if dev.type == "cpu":
         info["page_fault_us"] = page_fault_us()
     args.peak_tflops = info["peak_tflops"] = peak_tflops(info, args)  # given, or the card's stated peak
@@ -683,22 +734,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{info['cpu']} ({info['logical_cpus']} logical CPUs, {info['torch_threads']} torch threads)"
           + (f", {info['gpu']}" if "gpu" in info else "")
           + f"; torch {info['torch']}, numpy {info['numpy']}, python {info['python']}")
+    mm = f"{n}^3" + (f" x {products} per call" if products > 1 else "")
     print(f"settings: batch {args.batch}, {args.precision}, warm-up {args.warmup}, repeats {args.repeats}, "
-          f"allocator {args.allocator}; matmul {n}^3 {info['matmul_dtype']}: {matmul:.1f} GFLOP/s"
+          f"allocator {args.allocator}; matmul {mm} {info['matmul_dtype']}: {matmul:.1f} GFLOP/s"
           + (f"; stated peak {args.peak_tflops:.1f} TFLOP/s" if args.peak_tflops else "")
           + (f"; page fault {info['page_fault_us']:.1f} us" if "page_fault_us" in info else ""))
     results: dict[str, Any] = {"machine": info, "settings": settings}
-    sections = args.sections.split(",")
-    if "ops" in sections:
-        results["ops"] = run_ops(args, dev)
-    if "steps" in sections:
-        results["steps"] = run_steps(args, dev, matmul)
-    if "isolated" in sections:
-        results["isolated"] = run_isolated(args, dev, matmul)
-    if "fastpaths" in sections:
-        results["fastpaths"] = run_fastpaths(args, dev, matmul)
-    if "scaling" in sections:
-        results["scaling"] = run_scaling(args, dev, matmul)
+    save_json(args.out, results)
+    sections = {"ops": run_ops, "steps": run_steps, "isolated": run_isolated, "fastpaths": run_fastpaths,
+                "scaling": run_scaling}
+    for name, run in sections.items():
+        if name in args.sections.split(","):
+            results[name] = {}
+            for key, res in run(args, dev, matmul):
+                results[name][key] = res
+                save_json(args.out, results)  # after each case: a run cut short leaves what it measured
     print_targets(results)
     if dev.type == "cpu":
         info["page_fault_us_end"] = page_fault_us()
@@ -706,7 +756,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     results["wall_s"] = time.perf_counter() - t_start
     print(f"\ntotal {results['wall_s']:.0f} s")
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        save_json(args.out, results)
         print(f"wrote {args.out}")
     return results
 

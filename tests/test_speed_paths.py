@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks import flops, plain
+from benchmarks.run import stated_peak
 from pointbert import ops
 from pointbert.config import preset
 from pointbert.heads import Classifier
@@ -292,7 +293,7 @@ def test_pretrain_step_matches_plain(flags):
 
 
 # --------------------------------------------------------------------------------------------------
-# Ops against the plain stand-ins, and the FLOP counts
+# Ops against the plain stand-ins, the FLOP counts, the stated peaks
 # --------------------------------------------------------------------------------------------------
 
 
@@ -323,3 +324,14 @@ def test_flop_counts():
     tok = preset("tokenizer")
     assert flops.tokenizer(tok) > flops.tokenizer_targets(tok) > flops.patch_embed(tok)
     assert flops.step(preset("modelnet40-2k"), "inference") > 2 * flops.step(cfg, "inference")
+
+
+def test_stated_peak_takes_the_longest_matching_name():
+    assert stated_peak("NVIDIA H200", "bf16") == 989.4
+    assert stated_peak("NVIDIA H200 NVL", "bf16") == 835.5
+    assert stated_peak("NVIDIA H200 NVL", "fp32") == 60.0
+    assert stated_peak("NVIDIA H100 80GB HBM3", "fp32") == 66.9
+    assert stated_peak("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert stated_peak("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert stated_peak("NVIDIA GeForce RTX 4090", "bf16") is None
+    assert stated_peak("", "fp32") is None
