@@ -372,18 +372,19 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
         fit(ToyTask(toy_cfg()), tmp_path / "nothing", device="cpu", resume=True)
 
 
+class KilledAt6(ToyTask):
+    def on_step(self, step, epoch, ctx):
+        if step == 6:
+            raise Killed
+
+
 def test_noisy_toy_task_resumes_exactly(tmp_path):
     """Global torch RNG (dropout), the context generator and numpy item noise all survive a restart."""
     cfg = toy_cfg(epochs=2, checkpoint_every=3)
     a = fit(ToyTask(cfg, noisy=True), tmp_path / "a", device="cpu", quiet=True)
 
-    class Kill(ToyTask):
-        def on_step(self, step, epoch, ctx):
-            if step == 6:
-                raise Killed
-
     with pytest.raises(Killed):
-        fit(Kill(cfg, noisy=True), tmp_path / "b", device="cpu", quiet=True)
+        fit(KilledAt6(cfg, noisy=True), tmp_path / "b", device="cpu", quiet=True)
     b = fit(ToyTask(cfg, noisy=True), tmp_path / "b", device="cpu", resume=True, quiet=True)
     assert a == b
     wa, wb = weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt")
@@ -394,13 +395,8 @@ def test_resume_on_another_kind_of_device_restarts_the_random_streams(tmp_path, 
     """A CUDA generator's state (16 bytes of Philox) cannot be set on a CPU generator, nor the reverse."""
     cfg = toy_cfg(epochs=2, checkpoint_every=3)
 
-    class Kill(ToyTask):
-        def on_step(self, step, epoch, ctx):
-            if step == 6:
-                raise Killed
-
     with pytest.raises(Killed):
-        fit(Kill(cfg, noisy=True), tmp_path / "b", device="cpu", quiet=True)
+        fit(KilledAt6(cfg, noisy=True), tmp_path / "b", device="cpu", quiet=True)
     ckpt = load_checkpoint(tmp_path / "b" / "last.pt")
     ckpt["rng"][0].update(device="cuda", generator=torch.zeros(16, dtype=torch.uint8))  # as written on a GPU
     torch.save(ckpt, tmp_path / "b" / "last.pt")
