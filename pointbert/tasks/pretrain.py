@@ -48,6 +48,10 @@ class PretrainTask(Task):
     """
 
     monitor, mode = "svm_acc", "max"
+    STRUCTURE = {"tokenizer": ("vocab_size", "token_dim", "decoder_dim", "dgcnn_k", "dgcnn_dims",
+                               "decoder_hidden", "fold_hidden"),
+                 "patches": ("embed_dim", "patch_size", "hidden_dims")}  # fields the tokenizer's weights fix
+
     # the queue is the same on every rank (keys are all-gathered before enqueueing) and only rank 0's buffers
     # are evaluated and saved: DDP need not send the 16 MiB queue and the BatchNorm buffers every step
     broadcast_buffers = False
@@ -58,9 +62,6 @@ class PretrainTask(Task):
         gradient without the MPM loss, the projection head (cls_head) none without a contrastive loss."""
         m = self.cfg.mpm
         return not (m.mpm_loss and (m.mix_loss or m.moco_loss))
-    STRUCTURE = {"tokenizer": ("vocab_size", "token_dim", "decoder_dim", "dgcnn_k", "dgcnn_dims",
-                               "decoder_hidden", "fold_hidden"),
-                 "patches": ("embed_dim", "patch_size", "hidden_dims")}  # fields the tokenizer's weights fix
 
     def __init__(self, cfg: Config, tokenizer: str | Path | None = None, *, probe_standardize: bool = False):
         self.notes: list[str] = []
