@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import importlib.metadata
 import json
 import mmap
 import os
@@ -142,6 +143,10 @@ def machine(dev: torch.device) -> dict[str, Any]:
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)
         info["cuda"] = torch.version.cuda
+    from pointbert import kernels
+
+    info["fps_backend"] = ops.FPS_BACKEND
+    info["triton"] = importlib.metadata.version("triton") if kernels.available() else None
     return info
 
 
@@ -479,6 +484,17 @@ def run_isolated(args: argparse.Namespace, dev: torch.device, matmul: float) -> 
 # --------------------------------------------------------------------------------------------------
 
 
+def fps_backend(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with ``pointbert.ops.FPS_BACKEND`` set to ``name`` (auto, triton or torch)."""
+    def run() -> Any:
+        saved, ops.FPS_BACKEND = ops.FPS_BACKEND, name
+        try:
+            return fn()
+        finally:
+            ops.FPS_BACKEND = saved
+    return run
+
+
 def run_ops(args: argparse.Namespace, dev: torch.device, matmul: float) -> Iterator[tuple[str, dict[str, Any]]]:
     """FPS, kNN and Chamfer alone, ours against the plain stand-ins; yields (op, result) as each completes."""
     g = torch.Generator().manual_seed(0)
@@ -499,6 +515,11 @@ def run_ops(args: argparse.Namespace, dev: torch.device, matmul: float) -> Itera
              for m in (64, 128, 512)]
     if not args.quick:
         cases.append(("fps 512 of 8192", B, lambda: ops.fps(x8k, 512), lambda: plain.fps(x8k, 512)))
+        pool = 1200  # the fine-tuning input pool (data.point_pool)
+        cases.append((f"fps {pool} of 8192", B, lambda: ops.fps(x8k, pool), lambda: plain.fps(x8k, pool)))
+        if dev.type == "cuda":  # the Triton kernel's gain: ours with the tensor loop against the same plain run
+            cases.append((f"fps {pool} of 8192, tensor loop", B, fps_backend("torch", lambda: ops.fps(x8k, pool)),
+                          lambda: plain.fps(x8k, pool)))
     cases += [("knn 64x32 of 1024", B, lambda: ops.knn(centers, x1k, 32), lambda: plain.knn_point(32, x1k, centers)),
               ("chamfer-L1 2048x32 fwd+bwd", 2048, chamfer(ops.chamfer_l1), chamfer(plain.chamfer_l1))]
     out = {}

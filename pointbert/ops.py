@@ -16,6 +16,9 @@ Shapes: B batch, N / M / S numbers of points, C channels. Index tensors are int6
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -62,6 +65,22 @@ def _fps_scan_order(n: int, device: torch.device) -> Tensor:
     return k[k < n]  # (n,), row-major: rank first, then k
 
 
+#: Which implementation :func:`fps` runs: "auto" (the Triton kernel for float32 on CUDA when Triton is
+#: installed, else the tensor loop), "triton" (always the kernel, also on the CPU through Triton's
+#: interpreter, for tests) or "torch" (always the loop). Set by the POINTBERT_FPS environment variable.
+FPS_BACKEND = os.environ.get("POINTBERT_FPS", "auto")
+
+
+def _fps_kernel_wanted(xyz: Tensor, n: int) -> bool:
+    from . import kernels
+
+    if FPS_BACKEND not in ("auto", "triton", "torch"):
+        raise ValueError(f"POINTBERT_FPS must be auto, triton or torch, not {FPS_BACKEND!r}")
+    if FPS_BACKEND == "torch" or xyz.dtype != torch.float32 or n > kernels.MAX_POINTS:
+        return False
+    return FPS_BACKEND == "triton" or (xyz.is_cuda and kernels.available())
+
+
 @torch.no_grad()
 def fps(points: Tensor, num: int) -> Tensor:
     """Farthest point sampling exactly as pointnet2_ops ``furthest_point_sample``.
@@ -86,9 +105,11 @@ def fps(points: Tensor, num: int) -> Tensor:
       index. After all distinct points are taken, the remaining picks repeat such tied points.
 
     Arithmetic is float32 (the kernel's type) for float32/16/bfloat16 input and float64 for float64
-    input. Not differentiable. Each of the ``num - 1`` steps is a few batched tensor ops with no host
-    synchronisation. nvcc may contract the distance into FMAs, so a float tie that exists only in
-    the last bit could in principle resolve differently from a given kernel build.
+    input. Not differentiable. On the CPU (and without Triton) each of the ``num - 1`` steps is a few
+    batched tensor ops with no host synchronisation; float32 on CUDA runs all steps in one Triton kernel
+    (:mod:`pointbert.kernels`) that gives the same picks (``FPS_BACKEND`` chooses). nvcc may contract
+    the distance into FMAs, so a float tie that exists only in the last bit could in principle resolve
+    differently from a given build of the official kernel.
     """
     if points.dim() != 3 or points.shape[-1] != 3:
         raise ValueError(f"fps expects points of shape (B, N, 3), got {tuple(points.shape)}")
@@ -111,6 +132,19 @@ def fps(points: Tensor, num: int) -> Tensor:
     mag = xyz[0] * xyz[0] + xyz[1] * xyz[1] + xyz[2] * xyz[2]  # (B, N)
     temp = torch.full((bsz, n), 1e10, dtype=work, device=dev)
     temp.masked_fill_(mag <= thr.item(), -1.0)  # skipped: below any real distance, min() keeps it
+
+    if _fps_kernel_wanted(xyz, n):
+        from . import kernels
+
+        global FPS_BACKEND
+        try:
+            return order[kernels.fps_scan(xyz.transpose(0, 1).contiguous(), temp, num)]  # (B, num)
+        except Exception as e:  # a Triton that cannot build it: say so once, keep the exact tensor loop
+            if FPS_BACKEND != "auto" or kernels.built():
+                raise
+            warnings.warn(f"the Triton FPS kernel failed to build ({type(e).__name__}: {e}); "
+                          "using the tensor loop (set POINTBERT_FPS=torch to skip the attempt)", stacklevel=2)
+            FPS_BACKEND = "torch"
 
     diff = torch.empty_like(xyz)  # (3, B, N)
     dist = torch.empty_like(temp)  # (B, N)

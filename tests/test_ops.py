@@ -5,6 +5,7 @@ strided scans, the shared-memory tree reduction and the ``|p|^2 <= 1e-3`` skip r
 """
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -19,6 +20,17 @@ def rand_cloud(seed, *shape, dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------------- FPS
+
+
+@pytest.fixture(params=["torch", "triton"])
+def fps_backend(request, monkeypatch):
+    """Every FPS test runs on the tensor loop and on the Triton kernel (through Triton's CPU interpreter)."""
+    if request.param == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":  # see conftest.py
+            pytest.skip("Triton's CPU interpreter is set up only on machines without CUDA")
+        pytest.importorskip("triton", reason="Triton is not installed")
+    monkeypatch.setattr(ops, "FPS_BACKEND", request.param)
+    return request.param
 
 
 def kernel_fps(pts, m):
@@ -64,6 +76,7 @@ def check_fps(points, num):
     return got
 
 
+@pytest.mark.usefixtures("fps_backend")
 @pytest.mark.parametrize(
     "n, num",
     [(1, 1), (2, 2), (5, 3), (7, 7), (64, 64), (100, 40), (257, 20), (600, 12), (1100, 10)],
@@ -72,6 +85,7 @@ def test_fps_matches_kernel_on_random_clouds(n, num):
     check_fps(rand_cloud(n, 3, n, 3), num)
 
 
+@pytest.mark.usefixtures("fps_backend")
 def test_fps_matches_kernel_on_exact_ties():
     g = torch.arange(4, dtype=torch.float32)
     grid = torch.stack(torch.meshgrid(g, g, g, indexing="ij"), -1).reshape(1, 64, 3)  # 64 points
@@ -90,6 +104,7 @@ def test_fps_matches_kernel_on_exact_ties():
     check_fps(torch.cat([grid[:, 5:59], grid[:, 59:] * 0.5], 1), 30)  # N = 59, not a power of two
 
 
+@pytest.mark.usefixtures("fps_backend")
 def test_fps_float_near_ties_and_initial_distance():
     # points on a unit sphere around point 0: the first step is a tie up to rounding, so the winner
     # depends on evaluating the distance exactly as the kernel does ((dx*dx + dy*dy) + dz*dz in float32)
@@ -100,6 +115,7 @@ def test_fps_float_near_ties_and_initial_distance():
     check_fps(rand_cloud(10, 2, 40, 3) * 1e6, 12)
 
 
+@pytest.mark.usefixtures("fps_backend")
 def test_fps_tie_goes_to_bit_reversed_thread_order():
     # N = 4 -> 4 threads, one point each. After index 0, points 1 and 2 tie at distance 1. The reduction
     # merges threads (0, 2) and (1, 3) first, then slot 0 (holding point 2) against slot 1 (point 1):
@@ -109,12 +125,14 @@ def test_fps_tie_goes_to_bit_reversed_thread_order():
     assert fps(pts, 4).tolist() == [[0, 2, 1, 3]]
 
 
+@pytest.mark.usefixtures("fps_backend")
 def test_fps_duplicates():
     base = rand_cloud(1, 2, 20, 3)
     check_fps(torch.cat([base, base], 1), 40)  # every point twice, num == N
     check_fps(base[:, [0, 0, 0, 3, 3, 7, 1, 1, 2, 2, 2, 2]], 12)
 
 
+@pytest.mark.usefixtures("fps_backend")
 def test_fps_skip_rule_near_origin():
     cloud = rand_cloud(2, 3, 50, 3)
     cloud[:, 3] = 0.0  # exactly at the origin
@@ -131,12 +149,14 @@ def test_fps_skip_rule_near_origin():
     assert (got[:, 1:] != 0).all()
 
 
+@pytest.mark.usefixtures("fps_backend")
 def test_fps_all_points_skipped_picks_index_zero():
     tiny = rand_cloud(3, 2, 30, 3) * 0.005
     assert fps(tiny, 5).tolist() == [[0] * 5, [0] * 5]
     check_fps(tiny, 5)
 
 
+@pytest.mark.usefixtures("fps_backend")
 def test_fps_batch_rows_are_independent():
     clouds = torch.cat([rand_cloud(4, 1, 80, 3), rand_cloud(5, 1, 80, 3) * 10, torch.zeros(1, 80, 3)])
     got = check_fps(clouds, 32)
@@ -144,6 +164,7 @@ def test_fps_batch_rows_are_independent():
         assert torch.equal(got[b], fps(clouds[b : b + 1], 32)[0])
 
 
+@pytest.mark.usefixtures("fps_backend")
 def test_fps_float64_and_prefix():
     x64 = rand_cloud(6, 2, 90, 3, dtype=torch.float64)
     got = check_fps(x64, 50)
@@ -152,6 +173,7 @@ def test_fps_float64_and_prefix():
     assert torch.equal(fps(x, 16), fps(x, 64)[:, :16])
 
 
+@pytest.mark.usefixtures("fps_backend")
 def test_fps_arguments():
     x = rand_cloud(8, 2, 50, 3, dtype=torch.float32).requires_grad_()
     with pytest.raises(ValueError, match="cannot sample 100 centers from a cloud of 50 points"):
@@ -160,6 +182,60 @@ def test_fps_arguments():
     out = fps(x, 50)
     assert not out.requires_grad
     assert sorted(out[0].tolist()) == list(range(50))  # num == N: a permutation for distinct points
+
+
+def test_fps_kernel_chosen_only_where_it_pays(monkeypatch):
+    from pointbert import kernels
+
+    cpu = torch.zeros(3, 2, 10)
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    for backend, dtype, n, want in [("auto", torch.float32, 10, False),  # the CPU keeps the loop
+                                    ("triton", torch.float32, 10, True),
+                                    ("triton", torch.float64, 10, False),  # the kernel is float32
+                                    ("triton", torch.float32, kernels.MAX_POINTS + 1, False),
+                                    ("torch", torch.float32, 10, False)]:
+        monkeypatch.setattr(ops, "FPS_BACKEND", backend)
+        assert ops._fps_kernel_wanted(cpu.to(dtype), n) is want, (backend, dtype, n)
+    monkeypatch.setattr(ops, "FPS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="POINTBERT_FPS must be auto, triton or torch, not 'fast'"):
+        fps(rand_cloud(0, 1, 10, 3), 3)
+
+
+def test_fps_kernel_that_fails_to_build_falls_back_once_with_a_warning(monkeypatch):
+    from pointbert import kernels
+
+    def broken(*args):
+        raise RuntimeError("no compiler")
+
+    x = rand_cloud(11, 2, 60, 3)
+    want = fps(x, 20)
+    monkeypatch.setattr(ops, "FPS_BACKEND", "auto")
+    monkeypatch.setattr(ops, "_fps_kernel_wanted", lambda xyz, n: ops.FPS_BACKEND != "torch")
+    monkeypatch.setattr(kernels, "fps_scan", broken)
+    monkeypatch.setattr(kernels, "_ran", False)
+    with pytest.warns(UserWarning, match="Triton FPS kernel failed to build .RuntimeError: no compiler."):
+        assert torch.equal(fps(x, 20), want)
+    assert ops.FPS_BACKEND == "torch"
+    monkeypatch.setattr(ops, "FPS_BACKEND", "triton")  # asked for explicitly: the error is raised
+    with pytest.raises(RuntimeError, match="no compiler"):
+        fps(x, 20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, num", [(1024, 64), (1024, 1024), (8192, 1200), (10000, 512)])
+def test_fps_kernel_on_cuda_matches_the_loop(n, num, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("triton", reason="Triton is not installed")
+    x = rand_cloud(n, 6, n, 3)
+    x[:, 7] = 0.0  # skipped by the |p|^2 rule
+    x[:, 100:200] = x[:, 300:400]  # duplicates: exact ties once their twins are taken
+    monkeypatch.setattr(ops, "FPS_BACKEND", "torch")
+    want = fps(x, num)
+    assert torch.equal(fps(x.cuda(), num).cpu(), want)
+    monkeypatch.setattr(ops, "FPS_BACKEND", "triton")
+    assert torch.equal(fps(x.cuda(), num).cpu(), want)
+    assert torch.equal(fps(x.cuda().bfloat16(), num).cpu(), fps(x.bfloat16(), num))
 
 
 # ------------------------------------------------------------------------------------ distances / kNN
