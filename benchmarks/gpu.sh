@@ -3,6 +3,7 @@
 # each should take about 1-4 minutes on an H100/H200, start-up and torch.compile included):
 #   bash benchmarks/gpu.sh PART [large batch, default 128]
 # PART:
+#   check       the GPU tests and every stage end to end on the card (about a minute)
 #   fp32-b32    pointbert against the plain twin, fp32 eager, batch 32, with the ops alone
 #   fp32-big    the four steps at the large batch, fp32
 #   bf16-big    the four steps at the large batch, bf16 autocast
@@ -13,7 +14,7 @@
 # the card and the part; run.py rewrites the file after each case, so a part cut short by a time limit still
 # leaves what it measured. Python: $PYTHON, else python3, else python.
 set -euo pipefail
-parts=(fp32-b32 fp32-big bf16-big fastpaths cudagraphs)
+parts=(check fp32-b32 fp32-big bf16-big fastpaths cudagraphs)
 part=${1:-all}
 big=${2:-128}
 if [[ $part != all && " ${parts[*]} " != *" $part "* ]]; then
@@ -32,6 +33,12 @@ run() {  # NAME ARGS...: one run.py call, its JSON in $out/gpu-$card-NAME.json
 }
 run_part() {
     case $1 in
+        check)  # the gpu-marked tests (the Triton FPS kernel against the loop), then every stage and the
+                # inference commands end to end on the card (their default device); both run, either may fail
+            local rc=0
+            "$PY" -m pytest -q -p no:cacheprovider -m gpu tests || rc=1
+            "$PY" -m pytest -q -p no:cacheprovider tests/test_stages.py tests/test_inference.py || rc=1
+            return $rc ;;
         fp32-b32) run fp32-b32 --sections ops,steps --batch 32 ;;
         fp32-big) run "fp32-b$big" --sections steps --batch "$big" ;;
         bf16-big) run "bf16-b$big" --sections steps --batch "$big" --precision bf16 ;;

@@ -80,6 +80,7 @@ def test_fps_subsample_recipe():
         fps_subsample(small, 1100, 1200, gen())
 
 
+@pytest.mark.gpu
 def test_generator_on_other_device_than_points_is_fine():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA to mix devices")
