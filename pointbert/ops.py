@@ -16,6 +16,7 @@ Shapes: B batch, N / M / S numbers of points, C channels. Index tensors are int6
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -44,6 +45,7 @@ _MIN_CHUNK_ROWS = 16
 _FPS_MAX_THREADS = 512  # MAX_THREADS in pointnet2_ops cuda_utils.h
 
 
+@functools.lru_cache(maxsize=64)
 def _fps_scan_order(n: int, device: torch.device) -> Tensor:
     """Order in which the FPS kernel prefers exactly tied points: a permutation (n,) of ``arange(n)``.
 
@@ -54,15 +56,17 @@ def _fps_scan_order(n: int, device: torch.device) -> Tensor:
     the one with a 0 in that bit wins: threads are ranked by their *bit-reversed* id. Listing the
     points thread by thread in that rank, each thread's points in increasing ``k``, makes "first
     maximum" (``torch.argmax``) pick exactly the kernel's winner. Index 0 comes first.
+
+    Built on the CPU (its boolean selection would wait for a GPU) and kept per (n, device): read-only.
     """
     threads = min(1 << (max(n, 1).bit_length() - 1), _FPS_MAX_THREADS)
     bits = threads.bit_length() - 1
-    t = torch.arange(threads, device=device)
+    t = torch.arange(threads)
     rev = torch.zeros_like(t)  # rev[r] = bit-reversal of r = the thread ranked r-th
     for b in range(bits):
         rev |= ((t >> b) & 1) << (bits - 1 - b)
-    k = rev[:, None] + threads * torch.arange(-(-n // threads), device=device)[None, :]  # (T, ceil(n/T))
-    return k[k < n]  # (n,), row-major: rank first, then k
+    k = rev[:, None] + threads * torch.arange(-(-n // threads))[None, :]  # (T, ceil(n/T))
+    return k[k < n].to(device)  # (n,), row-major: rank first, then k
 
 
 #: Which implementation :func:`fps` runs: "auto" (the Triton kernel for float32 on CUDA when Triton is
