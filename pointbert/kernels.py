@@ -15,8 +15,10 @@ Triton's interpreter (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import os
 
 import torch
 from torch import Tensor
@@ -85,8 +87,6 @@ def fps_scan(xyz: Tensor, temp: Tensor, num: int) -> Tensor:
     Returns:
         (B, num) int64 scan positions, the first 0.
     """
-    import os
-
     import triton
 
     bsz, _, n = xyz.shape
@@ -95,7 +95,8 @@ def fps_scan(xyz: Tensor, temp: Tensor, num: int) -> Tensor:
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     kernel = _kernel(interpret)
     options = {} if interpret else {"num_warps": min(16, max(4, block // 1024)), "enable_fp_fusion": False}
-    kernel[(bsz,)](xyz, temp, out, n, num, BLOCK=block, **options)
+    with torch.cuda.device(xyz.device) if xyz.is_cuda else contextlib.nullcontext():  # Triton's current device
+        kernel[(bsz,)](xyz, temp, out, n, num, BLOCK=block, **options)
     global _ran
     _ran = True
     return out
