@@ -117,7 +117,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from benchmarks import flops, plain  # noqa: E402
-from pointbert import memory, ops  # noqa: E402
+from pointbert import kernels, memory, ops  # noqa: E402
 from pointbert.config import COMPILE_MODES, Config, preset  # noqa: E402
 from pointbert.data.transforms import fps_subsample  # noqa: E402
 from pointbert.engine import build_optimizer  # noqa: E402
@@ -143,8 +143,6 @@ def machine(dev: torch.device) -> dict[str, Any]:
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)
         info["cuda"] = torch.version.cuda
-    from pointbert import kernels
-
     info["fps_backend"] = ops.FPS_BACKEND
     info["triton"] = importlib.metadata.version("triton") if kernels.available() else None
     return info
@@ -484,14 +482,15 @@ def run_isolated(args: argparse.Namespace, dev: torch.device, matmul: float) -> 
 # --------------------------------------------------------------------------------------------------
 
 
-def fps_backend(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
-    """``fn`` run with ``pointbert.ops.FPS_BACKEND`` set to ``name`` (auto, triton or torch)."""
+def patched(owner: Any, name: str, value: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with ``owner.name`` set to ``value`` (e.g. ``pointbert.ops.FPS_BACKEND``), restored after."""
     def run() -> Any:
-        saved, ops.FPS_BACKEND = ops.FPS_BACKEND, name
+        saved = getattr(owner, name)
+        setattr(owner, name, value)
         try:
             return fn()
         finally:
-            ops.FPS_BACKEND = saved
+            setattr(owner, name, saved)
     return run
 
 
@@ -518,8 +517,13 @@ def run_ops(args: argparse.Namespace, dev: torch.device, matmul: float) -> Itera
         pool = 1200  # the fine-tuning input pool (data.point_pool)
         cases.append((f"fps {pool} of 8192", B, lambda: ops.fps(x8k, pool), lambda: plain.fps(x8k, pool)))
         if dev.type == "cuda":  # the Triton kernel's gain: ours with the tensor loop against the same plain run
-            cases.append((f"fps {pool} of 8192, tensor loop", B, fps_backend("torch", lambda: ops.fps(x8k, pool)),
+            cases.append((f"fps {pool} of 8192, tensor loop", B,
+                          patched(ops, "FPS_BACKEND", "torch", lambda: ops.fps(x8k, pool)),
                           lambda: plain.fps(x8k, pool)))
+            for warps in (4, 8, 16, 32):  # the kernel's warps per cloud
+                cases.append((f"fps {pool} of 8192, {warps} warps", B,
+                              patched(kernels, "NUM_WARPS", warps, lambda: ops.fps(x8k, pool)),
+                              lambda: plain.fps(x8k, pool)))
     cases += [("knn 64x32 of 1024", B, lambda: ops.knn(centers, x1k, 32), lambda: plain.knn_point(32, x1k, centers)),
               ("chamfer-L1 2048x32 fwd+bwd", 2048, chamfer(ops.chamfer_l1), chamfer(plain.chamfer_l1))]
     out = {}

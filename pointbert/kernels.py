@@ -27,6 +27,8 @@ __all__ = ["available", "built", "fps_scan"]
 
 #: The largest cloud one program holds: beyond it registers spill and the tensor loop is used.
 MAX_POINTS = 16384
+#: Warps per program; None: 4 to 16 by the cloud's size (the benchmark tries others).
+NUM_WARPS: int | None = None
 _ran = False  # set once a launch has succeeded
 
 
@@ -94,7 +96,8 @@ def fps_scan(xyz: Tensor, temp: Tensor, num: int) -> Tensor:
     out = torch.zeros(bsz, num, dtype=torch.long, device=xyz.device)
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     kernel = _kernel(interpret)
-    options = {} if interpret else {"num_warps": min(16, max(4, block // 1024)), "enable_fp_fusion": False}
+    warps = NUM_WARPS or min(16, max(4, block // 512))  # 512 threads at 8192 points, 16 points each
+    options = {} if interpret else {"num_warps": warps, "enable_fp_fusion": False}
     with torch.cuda.device(xyz.device) if xyz.is_cuda else contextlib.nullcontext():  # Triton's current device
         kernel[(bsz,)](xyz, temp, out, n, num, BLOCK=block, **options)
     global _ran
