@@ -520,7 +520,7 @@ def run_ops(args: argparse.Namespace, dev: torch.device, matmul: float) -> Itera
             cases.append((f"fps {pool} of 8192, tensor loop", B,
                           patched(ops, "FPS_BACKEND", "torch", lambda: ops.fps(x8k, pool)),
                           lambda: plain.fps(x8k, pool)))
-            for warps in (4, 8, 16, 32):  # the kernel's warps per cloud
+            for warps in (4, 8, 16):  # the kernel's warps per cloud
                 cases.append((f"fps {pool} of 8192, {warps} warps", B,
                               patched(kernels, "NUM_WARPS", warps, lambda: ops.fps(x8k, pool)),
                               lambda: plain.fps(x8k, pool)))
