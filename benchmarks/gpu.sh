@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Issue 6's GPU checks, in parts small enough for one device command each (run one part per command;
 # each should take about 1-4 minutes on an H100/H200, start-up and torch.compile included):
-#   bash benchmarks/gpu.sh PART [large batch, default 128]
-# PART:
+#   bash benchmarks/gpu.sh PART[,PART...] [large batch, default 256]
+# PART, most wanted first:
 #   check       the GPU tests and every stage end to end on the card (about a minute)
-#   fp32-b32    pointbert against the plain twin, fp32 eager, batch 32, with the ops alone
-#   fp32-big    the four steps at the large batch, fp32
 #   bf16-big    the four steps at the large batch, bf16 autocast
+#   fp32-big    the four steps at the large batch, fp32
+#   fp32-b32    pointbert against the plain twin, fp32 eager, batch 32, with the ops alone
 #   fastpaths   bf16 fast paths on and off and torch.compile, fine-tuning and inference, large batch
 #   cudagraphs  bf16 fine-tuning and inference at batch 32 with torch.compile mode reduce-overhead (CUDA graphs)
 #   all         (default) every part in turn: more than one 10-minute command may allow
@@ -14,13 +14,15 @@
 # the card and the part; run.py rewrites the file after each case, so a part cut short by a time limit still
 # leaves what it measured. Python: $PYTHON, else python3, else python.
 set -euo pipefail
-parts=(check fp32-b32 fp32-big bf16-big fastpaths cudagraphs)
-part=${1:-all}
-big=${2:-128}
-if [[ $part != all && " ${parts[*]} " != *" $part "* ]]; then
-    echo "usage: bash benchmarks/gpu.sh [PART: ${parts[*]} or all (default)] [large batch, default 128]" >&2
-    exit 2
-fi
+parts=(check bf16-big fp32-big fp32-b32 fastpaths cudagraphs)  # most wanted first
+[[ ${1:-all} == all ]] && chosen=("${parts[@]}") || IFS=, read -ra chosen <<<"$1"
+big=${2:-256}
+for part in "${chosen[@]}"; do
+    if [[ " ${parts[*]} " != *" $part "* ]]; then
+        echo "usage: bash benchmarks/gpu.sh [PART[,PART...]: ${parts[*]} or all (default)] [large batch, default 256]" >&2
+        exit 2
+    fi
+done
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -48,8 +50,4 @@ run_part() {
             --compile --compile-mode reduce-overhead ;;
     esac
 }
-if [[ $part == all ]]; then
-    for p in "${parts[@]}"; do run_part "$p"; done
-else
-    run_part "$part"
-fi
+for part in "${chosen[@]}"; do run_part "$part"; done
