@@ -25,7 +25,7 @@ from torch import Tensor
 
 __all__ = ["available", "built", "fps_scan"]
 
-#: The largest cloud one program holds: beyond it registers spill and the tensor loop is used.
+#: The largest cloud one program holds (its registers spill to local memory well before); larger ones use the loop.
 MAX_POINTS = 16384
 #: Warps per program; None: 4 to 16 by the cloud's size (the benchmark tries others).
 NUM_WARPS: int | None = None
