@@ -1,6 +1,6 @@
 """Data-serving throughput (not a test): epochs of batches of 32 from the shared ModelNet40.
 
-    PYTHONPATH=. python benchmarks/bench_data.py [--root ../shared/data/ModelNet40] [--workers 0 2]
+    PYTHONPATH=. python benchmarks/bench_data.py [--root ../shared/data/ModelNet40] [--workers 0 2] [--large]
                                                  [--epochs 2] [--cache DIR]
 
 Compares three ways of serving the 9,843 training clouds (1024 points each) through a
@@ -12,6 +12,10 @@ Compares three ways of serving the 9,843 training clouds (1024 points each) thro
 
 Also times the one-off ``prepare`` and the synthetic dataset. Prints samples/s per epoch (the
 first epoch of each reader is reported separately: it may pay for the OS file cache) and the machine.
+
+``--large`` measures instead what feeding a GPU at a large batch asks of the loader: a cache of 2,048 clouds of 8192
+points (the official ModelNet40 fine-tuning input), served in batches of 256 through the training
+loader of ``pointbert.engine`` (each cloud reseeded and shuffled per item, as in a run), per worker count.
 """
 
 from __future__ import annotations
@@ -47,10 +51,10 @@ def machine() -> str:
             f"torch threads {torch.get_num_threads()}")
 
 
-def epoch(ds, workers: int, seed: int) -> float:
-    """Samples per second of one shuffled epoch of batches of 32."""
+def epoch(ds, workers: int, seed: int, batch: int = 32) -> float:
+    """Samples per second of one shuffled epoch of batches of ``batch``."""
     g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(ds, batch_size=32, shuffle=True, drop_last=True, num_workers=workers, generator=g)
+    loader = DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, generator=g)
     n, t0 = 0, time.perf_counter()
     for batch in loader:
         n += batch["points"].shape[0]
@@ -64,7 +68,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=None, help="cache root (default: a temporary folder)")
+    ap.add_argument("--large", action="store_true",
+                    help="only 8192-point clouds in batches of 256, through the training loader")
     args = ap.parse_args()
+    if args.large:
+        print(machine())
+        with tempfile.TemporaryDirectory() as tmp:
+            large_clouds(Path(args.cache or tmp) / "large", args.workers, args.epochs)
+        return
     if not args.root.is_dir():
         raise SystemExit(f"{args.root}: not found (pass --root)")
     print(machine())
@@ -109,6 +120,33 @@ def main() -> None:
               f"from its prepared cache: {rate:,.0f} samples/s (40 fixture shapes)")
     if tmp:
         tmp.cleanup()
+
+
+def large_clouds(root: Path, workers: list[int], epochs: int, n: int = 2048, points: int = 8192,
+                 batch: int = 256) -> None:
+    """Loader throughput on ``n`` clouds of ``points`` points in batches of ``batch`` (see the module doc)."""
+    from pointbert.engine import EpochSampler, SeededItems
+
+    rng = np.random.default_rng(0)
+    for i in range(n):  # a folder dataset of two classes, prepared like any other
+        d = root / "src" / f"class{i % 2}" / "train"
+        d.mkdir(parents=True, exist_ok=True)
+        np.save(d / f"{i}.npy", rng.standard_normal((points, 3)).astype(np.float32))
+    [cache] = prepare_cache(root / "src", "folder", "train", out=root / "cache", progress=False, log=lambda s: None)
+    ds = SeededItems(CachedDataset(cache, "train"), 0)
+    for w in workers:
+        sampler = EpochSampler(len(ds), batch, seed=0)
+        loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=w, drop_last=True,
+                            persistent_workers=w > 0)  # as engine._build_loader builds it
+        rates = []
+        for e in range(epochs):
+            sampler.set_epoch(e)
+            count, t0 = 0, time.perf_counter()
+            for b in loader:
+                count += b["points"].shape[0]
+            rates.append(count / (time.perf_counter() - t0))
+        print(f"{n} clouds of {points} points, batch {batch}, {w} workers: "
+              f"{', '.join(f'{r:,.0f}' for r in rates)} samples/s per epoch")
 
 
 if __name__ == "__main__":

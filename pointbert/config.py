@@ -141,7 +141,7 @@ class DataConfig:
     way: int = 5
     shot: int = 10
     fold: int = 0
-    num_workers: int = 2
+    num_workers: int = -1  # data loader processes; -1 = auto: 4 (the official) on CPU, 8 with CUDA, <= CPUs per rank
     probe_dataset: str = ""  # labelled dataset for the SVM probe during pre-training ("" = none)
     probe_path: str = ""
     probe_drop_last: bool = True  # the official SVM probe: a shuffled train loader dropping its last partial
@@ -615,7 +615,8 @@ def validate(cfg: Config) -> Config:
                     ("tokenizer.kl_steps", t.kl_steps), ("tokenizer.temp_start", t.temp_start),
                     ("tokenizer.temp_end", t.temp_end), ("optim.eps", o.eps)]:
         need(v > 0, f"{name} must be positive, got {v}")
-    for name, v in [("train.seed", tr.seed), ("data.num_workers", cfg.data.num_workers), ("data.fold", cfg.data.fold),
+    need(cfg.data.num_workers >= -1, f"data.num_workers must be >= 0, or -1 for auto, got {cfg.data.num_workers}")
+    for name, v in [("train.seed", tr.seed), ("data.fold", cfg.data.fold),
                     ("optim.warmup_lr", o.warmup_lr), ("optim.min_lr", o.min_lr), ("tokenizer.kl_delay", t.kl_delay)]:
         need(v >= 0, f"{name} must be >= 0, got {v}")
     need(o.lr < float("inf"), f"optim.lr must be finite, got {o.lr}")

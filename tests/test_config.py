@@ -64,7 +64,7 @@ def test_yaml_names_its_base_preset(tmp_path):
     ("train.seed=-1", "train.seed must be >= 0"),
     ("train.log_every=0", "train.log_every must be positive"),
     ("train.vote_views=0", "train.vote_views must be positive"),
-    ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("data.num_workers=-2", "data.num_workers must be >= 0, or -1 for auto"),
     ("optim.betas=[2, 3]", "optim.betas must be two values in"),
     ("optim.eps=-1", "optim.eps must be positive"),
     ("optim.lr=.inf", "optim.lr must be finite"),

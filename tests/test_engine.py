@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -444,3 +445,16 @@ def test_describe_mismatch_names_missing_unexpected_and_other_shapes():
     msg = describe_mismatch(model, state)
     assert msg == ("2 missing, e.g. 1.weight, 1.bias; 1 unexpected, e.g. 9.scale; "
                    "2 other shape, e.g. 0.weight (5, 3) vs (4, 3), 0.bias (5,) vs (4,)")
+
+
+def test_auto_workers_follow_the_device_and_the_cpus_per_rank(monkeypatch):
+    from pointbert.engine import resolve_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert (resolve_workers(-1, cpu), resolve_workers(-1, cuda), resolve_workers(3, cuda)) == (4, 8, 3)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 4 CPUs per rank
+    assert (resolve_workers(-1, cpu), resolve_workers(-1, cuda), resolve_workers(0, cpu)) == (4, 4, 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert resolve_workers(-1, cuda) == 0  # less than one CPU per rank: load in the main process
