@@ -6,6 +6,7 @@
 #   check       the GPU tests and every stage end to end on the card (about a minute)
 #   bf16-big    the four steps at the large batch, bf16 autocast
 #   fp32-big    the four steps at the large batch, fp32
+#   loader      the training loader's samples/s on the host: 8192-point clouds, batch 256, 0/4/8/16 workers
 #   fp32-b32    pointbert against the plain twin, fp32 eager, batch 32, with the ops alone
 #   fastpaths   bf16 fast paths on and off and torch.compile, fine-tuning and inference, large batch
 #   cudagraphs  bf16 fine-tuning and inference at batch 32 with torch.compile mode reduce-overhead (CUDA graphs)
@@ -14,7 +15,7 @@
 # the card and the part; run.py rewrites the file after each case, so a part cut short by a time limit still
 # leaves what it measured. Python: $PYTHON, else python3, else python.
 set -euo pipefail
-parts=(check bf16-big fp32-big fp32-b32 fastpaths cudagraphs)  # most wanted first
+parts=(check bf16-big fp32-big loader fp32-b32 fastpaths cudagraphs)  # most wanted first
 [[ ${1:-all} == all ]] && chosen=("${parts[@]}") || IFS=, read -ra chosen <<<"$1"
 big=${2:-256}
 for part in "${chosen[@]}"; do
@@ -41,6 +42,7 @@ run_part() {
             "$PY" -m pytest -q -p no:cacheprovider -m gpu tests || rc=1
             "$PY" -m pytest -q -p no:cacheprovider tests/test_stages.py tests/test_inference.py || rc=1
             return $rc ;;
+        loader) PYTHONPATH=. "$PY" benchmarks/bench_data.py --large --workers 0 4 8 16 --epochs 2 | tee "$out/gpu-$card-loader.txt" ;;
         fp32-b32) run fp32-b32 --sections ops,steps --batch 32 ;;
         fp32-big) run "fp32-b$big" --sections steps --batch "$big" ;;
         bf16-big) run "bf16-b$big" --sections steps --batch "$big" --precision bf16 ;;
