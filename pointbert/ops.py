@@ -79,7 +79,9 @@ def _fps_kernel_wanted(xyz: Tensor, n: int) -> bool:
     from . import kernels
 
     if FPS_BACKEND not in ("auto", "triton", "torch"):
-        raise ValueError(f"POINTBERT_FPS must be auto, triton or torch, not {FPS_BACKEND!r}")
+        from .errors import PointBERTError
+
+        raise PointBERTError(f"POINTBERT_FPS must be auto, triton or torch, not {FPS_BACKEND!r}")
     if FPS_BACKEND == "torch" or xyz.dtype != torch.float32 or n > kernels.MAX_POINTS:
         return False
     return FPS_BACKEND == "triton" or (xyz.is_cuda and kernels.available())

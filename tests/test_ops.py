@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pointbert import ops
+from pointbert.errors import PointBERTError
 from pointbert.ops import chamfer, chamfer_l1, chamfer_l2, fps, gather, interpolate_3nn, knn, square_distance
 
 
@@ -197,7 +198,7 @@ def test_fps_kernel_chosen_only_where_it_pays(monkeypatch):
         monkeypatch.setattr(ops, "FPS_BACKEND", backend)
         assert ops._fps_kernel_wanted(cpu.to(dtype), n) is want, (backend, dtype, n)
     monkeypatch.setattr(ops, "FPS_BACKEND", "fast")
-    with pytest.raises(ValueError, match="POINTBERT_FPS must be auto, triton or torch, not 'fast'"):
+    with pytest.raises(PointBERTError, match="POINTBERT_FPS must be auto, triton or torch, not 'fast'"):
         fps(rand_cloud(0, 1, 10, 3), 3)
 
 
