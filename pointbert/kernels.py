@@ -10,7 +10,9 @@ inputs in the kernel's scan order (see ``pointbert.ops._fps_scan_order``), float
 ``(dx*dx + dy*dy) + dz*dz`` with FMA contraction disabled, a running minimum, and the first maximum in
 scan order. Triton is not a requirement: it ships with the CUDA builds of PyTorch on Linux, and
 without it :func:`pointbert.ops.fps` keeps its tensor loop. Tests run this kernel on the CPU through
-Triton's interpreter (``TRITON_INTERPRET=1``).
+Triton's interpreter (``TRITON_INTERPRET=1``), which checks the arithmetic; the interpreter's argmax always
+takes the first maximum, so the compiled tie rule is checked by the ``gpu`` tests on a card (exact ties
+among duplicated points and, with as many picks as points, among the final zero distances).
 """
 
 from __future__ import annotations
