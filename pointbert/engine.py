@@ -365,7 +365,7 @@ class _InOrder(torch.utils.data.Sampler):
 
 def resolve_workers(num_workers: int, device: torch.device) -> int:
     """``data.num_workers``, with -1 (auto) resolved: the official 4 loader processes on the CPU and 8 feeding
-    a GPU (one process serves about 3,500 samples/s of 8192-point clouds: benchmarks/bench_data.py --large),
+    a GPU (one process serves about 4,000 samples/s of 8192-point clouds: benchmarks/bench_data.py --large),
     never more than this process's share of the CPUs (torchrun's LOCAL_WORLD_SIZE processes per machine)."""
     if num_workers >= 0:
         return num_workers

