@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks, in parts small enough for one device command each (run one part per command;
-# each should take about 1-4 minutes on an H100/H200, start-up and torch.compile included):
+# Issue 6's GPU checks, in parts of about 1-4 minutes each on an H100/H200 (start-up and torch.compile
+# included); one call runs the parts named, in turn, so a 10-minute device command fits two or three:
 #   bash benchmarks/gpu.sh PART[,PART...] [large batch, default 256]
 # PART, most wanted first:
 #   check       the GPU tests and every stage end to end on the card (about a minute)
