@@ -51,10 +51,10 @@ def machine() -> str:
             f"torch threads {torch.get_num_threads()}")
 
 
-def epoch(ds, workers: int, seed: int, batch: int = 32) -> float:
-    """Samples per second of one shuffled epoch of batches of ``batch``."""
+def epoch(ds, workers: int, seed: int) -> float:
+    """Samples per second of one shuffled epoch of batches of 32."""
     g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, generator=g)
+    loader = DataLoader(ds, batch_size=32, shuffle=True, drop_last=True, num_workers=workers, generator=g)
     n, t0 = 0, time.perf_counter()
     for batch in loader:
         n += batch["points"].shape[0]

@@ -52,22 +52,22 @@ def _kernel(interpret: bool):
     import triton.language as tl
 
     @triton.jit
-    def fps_kernel(xyz_ptr, temp_ptr, out_ptr, n, num, BLOCK: tl.constexpr):
-        # xyz: (B, 3, n) float32 in scan order; temp: (B, n) float32, 1e10 or -1 for skipped points;
-        # out: (B, num) int64 scan positions, out[:, 0] = 0 written by the caller.
+    def fps_kernel(xyz_ptr, temp_ptr, out_ptr, n, num, plane, BLOCK: tl.constexpr):
+        # xyz: (3, B, n) float32 in scan order, plane = B * n; temp: (B, n) float32, 1e10 or -1 for skipped
+        # points; out: (B, num) int64 scan positions, out[:, 0] = 0 written by the caller.
         b = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         inside = offs < n
-        base = xyz_ptr + b * 3 * n
+        base = xyz_ptr + b * n
         x = tl.load(base + offs, mask=inside, other=0.0)
-        y = tl.load(base + n + offs, mask=inside, other=0.0)
-        z = tl.load(base + 2 * n + offs, mask=inside, other=0.0)
+        y = tl.load(base + plane + offs, mask=inside, other=0.0)
+        z = tl.load(base + 2 * plane + offs, mask=inside, other=0.0)
         temp = tl.load(temp_ptr + b * n + offs, mask=inside, other=float("-inf"))  # padding never wins
         last = tl.zeros((), dtype=tl.int64)
         for i in range(1, num):
             cx = tl.load(base + last)
-            cy = tl.load(base + n + last)
-            cz = tl.load(base + 2 * n + last)
+            cy = tl.load(base + plane + last)
+            cz = tl.load(base + 2 * plane + last)
             dx = x - cx
             dy = y - cy
             dz = z - cz
@@ -84,7 +84,7 @@ def fps_scan(xyz: Tensor, temp: Tensor, num: int) -> Tensor:
     """Run the FPS steps on clouds already in scan order.
 
     Args:
-        xyz: (B, 3, N) float32, contiguous, N <= MAX_POINTS.
+        xyz: (3, B, N) float32, contiguous, N <= MAX_POINTS (the tensor loop's layout).
         temp: (B, N) float32: 1e10, or -1 for points the skip rule excludes.
         num: picks per cloud, 1 <= num <= N.
 
@@ -93,7 +93,7 @@ def fps_scan(xyz: Tensor, temp: Tensor, num: int) -> Tensor:
     """
     import triton
 
-    bsz, _, n = xyz.shape
+    _, bsz, n = xyz.shape
     block = triton.next_power_of_2(n)
     out = torch.zeros(bsz, num, dtype=torch.long, device=xyz.device)
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -101,7 +101,7 @@ def fps_scan(xyz: Tensor, temp: Tensor, num: int) -> Tensor:
     warps = NUM_WARPS or min(16, max(4, block // 512))  # 512 threads at 8192 points, 16 points each
     options = {} if interpret else {"num_warps": warps, "enable_fp_fusion": False}
     with torch.cuda.device(xyz.device) if xyz.is_cuda else contextlib.nullcontext():  # Triton's current device
-        kernel[(bsz,)](xyz, temp, out, n, num, BLOCK=block, **options)
+        kernel[(bsz,)](xyz, temp, out, n, num, bsz * n, BLOCK=block, **options)
     global _ran
     _ran = True
     return out

@@ -144,7 +144,7 @@ def fps(points: Tensor, num: int) -> Tensor:
 
         global FPS_BACKEND
         try:
-            return order[kernels.fps_scan(xyz.transpose(0, 1).contiguous(), temp, num)]  # (B, num)
+            return order[kernels.fps_scan(xyz, temp, num)]  # (B, num)
         except Exception as e:  # a Triton that cannot build it: say so once, keep the exact tensor loop
             if FPS_BACKEND != "auto" or kernels.built():
                 raise
