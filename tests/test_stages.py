@@ -123,6 +123,12 @@ def test_pretrain_needs_a_tokenizer(tmp_path, capsys):
     assert len(err) == 1 and "--tokenizer" in err[0]
 
 
+def test_fewshot_needs_init_or_scratch_before_any_fold(tmp_path, capsys):
+    assert main(["fewshot", "--preset", "tiny-classifier", "--out", str(tmp_path / "f")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "--scratch" in err
+
+
 def test_pretrain_features_match_probe_features():
     from pointbert.config import preset
     from pointbert.mpm import PointBERT

@@ -86,10 +86,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 def fewshot_command(args: argparse.Namespace) -> int:
     """Run the folds one after the other; ``--resume`` continues unfinished folds and skips finished ones."""
-    from . import config_from_args, out_dir
+    from . import check_init, config_from_args, out_dir
     from .finetune import ClassificationTask
 
     folds = parse_folds(args.folds)
+    check_init(args.init, args.scratch, args.resume, "a pre-training or classifier checkpoint")
     cfg = config_from_args(args, "classifier", "fewshot", stage="fewshot")
     cfg = fewshot_config(cfg, args.way, args.shot)
     out = out_dir(args, "fewshot")
