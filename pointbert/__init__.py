@@ -3,7 +3,7 @@
 Importing the package is cheap; torch and the models load when first used::
 
     from pointbert.config import preset
-    from pointbert.models import build_model
+    from pointbert.checkpoint import build_model, load_model
 """
 
 __version__ = "0.1.0"
