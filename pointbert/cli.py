@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="class logits of point clouds from a classifier checkpoint")
     _add_inference_args(p, "logits (B, num_classes)")
     p.add_argument("--vote", type=int, default=0, metavar="VIEWS",
-                   help="average the logits over this many random views (spec 6.3); 0 = no voting")
+                   help="average the logits over this many random views, as the official voting test; 0 = no voting")
     p.add_argument("--seed", type=int, default=0, help="seed of the random voting views (default 0)")
     p.add_argument("--top", type=int, default=1, help="print this many top classes per cloud")
 
@@ -130,10 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", required=True,
                    help="the object category of the clouds (ShapeNetPart: Airplane, Chair, ...; or its index)")
 
-    p = sub.add_parser("train-tokenizer", help="train the dVAE point tokenizer (spec 4)")
+    p = sub.add_parser("train-tokenizer", help="train the dVAE point tokenizer")
     _add_train_args(p, "tokenizer")
 
-    p = sub.add_parser("pretrain", help="masked point modeling pre-training with mixing and momentum contrast (spec 5)")
+    p = sub.add_parser("pretrain",
+                       help="masked point modeling pre-training with point-patch mixing and momentum contrast")
     _add_train_args(p, "pretrain")
     p.add_argument("--tokenizer", required=False, default=None,
                    help="a trained tokenizer checkpoint (from train-tokenizer, or the official dVAE.pth)")
@@ -148,13 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a classifier checkpoint (best.pt of finetune, or from `pointbert import`)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value")
     p.add_argument("--data", default=None, help="the test data (default: the checkpoint's)")
-    p.add_argument("--vote", action="store_true", help="also the voting accuracy of spec 6.3")
+    p.add_argument("--vote", action="store_true", help="also the accuracy of the official 10-view voting test")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
 
-    p = sub.add_parser("fewshot", help="few-shot episodes: fine-tune per fold, report mean +- std (spec 6.4)")
+    p = sub.add_parser("fewshot",
+                       help="few-shot episodes: fine-tune per fold, report mean +- std (the official protocol)")
     _add_train_args(p, "fewshot")
     p.add_argument("--init", default=None, help="a pre-training checkpoint (omit with --scratch)")
     p.add_argument("--scratch", action="store_true", help="train from random initialisation (no --init)")
@@ -162,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shot", type=int, default=None, help="training shapes per class (default: the preset's, 10)")
     p.add_argument("--folds", default="0-9", help="folds to run: 0-9, or 0,3,5 (default 0-9)")
 
-    p = sub.add_parser("partseg", help="part segmentation fine-tuning (ShapeNetPart recipe, spec 6.5)")
+    p = sub.add_parser("partseg", help="part segmentation fine-tuning (the official ShapeNetPart recipe)")
     _add_train_args(p, "partseg")
     p.add_argument("--init", default=None, help="a pre-training checkpoint to start from (omit with --scratch)")
     p.add_argument("--scratch", action="store_true", help="train from random initialisation (no --init)")
@@ -174,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="config preset of the --random model (default pretrain)")
     p.add_argument("--data", default=None, help="dataset name or folder (default: the checkpoint's)")
     p.add_argument("--feature", choices=["backbone", "projection"], default="backbone",
-                   help="backbone: [cls ; max] (2*dim); projection: the pre-training cls head (spec 5.6)")
+                   help="backbone: [cls ; max] (2*dim); projection: the pre-training cls head (what the official "
+                        "SVM validation reads)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
